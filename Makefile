@@ -1,0 +1,50 @@
+# Gharial developer commands. `make test` is all CI needs: it installs first when required.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/*.proto)
+PROTO_OUT := libs/gharial/protos
+
+.PHONY: install test test-all lint format bench clean protos
+
+install: $(STAMP)
+
+# Re-installs only when the dependency list or the protos change.
+$(STAMP): pyproject.toml $(PROTO_SRC)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade "pip==25.3" setuptools wheel
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(MAKE) protos
+	touch $(STAMP)
+
+# gRPC stubs, generated from protos/*.proto into the gharial.protos package.
+protos:
+ifneq ($(PROTO_SRC),)
+	mkdir -p $(PROTO_OUT)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
+endif
+
+test: install
+	$(BIN)/pytest -m "not slow"
+
+# Everything, slow suites included (what .ci/run runs).
+test-all: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check libs tests bench
+	$(BIN)/ruff format --check libs tests bench
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix libs tests bench
+	$(BIN)/ruff format libs tests bench
+
+bench: install
+	$(BIN)/python bench/core_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The ASR core shared by training, the CPU backend, the compiler and the emulator."""
