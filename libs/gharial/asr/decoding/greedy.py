@@ -1,0 +1,79 @@
+"""Greedy RNN-T decoding, batched over streams.
+
+Per frame, each stream repeatedly takes the joint's argmax: blank moves on to the next frame, a
+token is emitted and fed to the prediction network, at most `max_symbols` times per frame. All
+streams still emitting in a round share one joint call and one prediction-network call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gharial.asr.decoding.base import Token
+from gharial.asr.model import RNNT, LSTMState
+
+
+@dataclass
+class GreedyState:
+    """One stream: prediction-network state after its last token, that output's joint projection,
+    and the tokens emitted since the last commit."""
+
+    pred: LSTMState  # [layers, 1, hidden]
+    pred_projected: Tensor  # [joint hidden]
+    tokens: list[Token] = field(default_factory=list)
+
+
+class GreedyDecoder:
+    def __init__(self, model: RNNT, max_symbols: int | None = None) -> None:
+        self.model = model
+        self.blank_id = model.blank_id
+        self.max_symbols = max_symbols or model.cfg.max_symbols_per_step
+        with torch.inference_mode():
+            self._sos = self._predict(torch.tensor([self.blank_id]), model.predictor.initial_state(1))
+
+    def _predict(self, tokens: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        """Feed one token per row [N] → (joint-projected outputs [N, joint hidden], new state)."""
+        out, new_state = self.model.predictor(tokens.unsqueeze(1), state)
+        return self.model.joint.pred_proj(out[:, 0]), new_state
+
+    def initial_state(self) -> GreedyState:
+        projected, pred = self._sos
+        return GreedyState(pred=pred, pred_projected=projected[0])
+
+    @torch.inference_mode()
+    def advance(self, enc_projected: Tensor, states: Sequence[GreedyState], frames: Sequence[int]) -> None:
+        pred_projected = torch.stack([s.pred_projected for s in states])
+        pred = LSTMState.cat([s.pred for s in states])
+        active = torch.arange(len(states))
+        for _ in range(self.max_symbols):
+            logits = self.model.joint.combine(enc_projected[active], pred_projected[active])
+            best = logits.argmax(-1)
+            emitting = best != self.blank_id
+            if not emitting.any():
+                break
+            active, best = active[emitting], best[emitting]
+            for row, token in zip(active.tolist(), best.tolist(), strict=True):
+                states[row].tokens.append(Token(token, frames[row]))
+            projected, new_pred = self._predict(best, pred.index(active))
+            pred_projected[active] = projected
+            pred = pred.put(active, new_pred)
+        for row, state in enumerate(states):
+            state.pred = pred.index(torch.tensor([row]))
+            state.pred_projected = pred_projected[row]
+
+    def best(self, state: GreedyState) -> list[Token]:
+        return list(state.tokens)
+
+    def provisional(self, state: GreedyState) -> list[Token]:
+        return list(state.tokens)
+
+    def nbest(self, state: GreedyState, n: int) -> list[tuple[list[Token], float]]:
+        return [(list(state.tokens), 0.0)]
+
+    def commit(self, state: GreedyState, end_of_stream: bool = False) -> list[Token]:
+        tokens, state.tokens = state.tokens, []
+        return tokens

@@ -1,0 +1,56 @@
+"""Audio I/O: read files into mono float32 at the model's sample rate, and raw PCM conversion."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+from torch import Tensor
+
+
+def pcm16_to_float(data: bytes) -> Tensor:
+    """Little-endian signed 16-bit PCM bytes (even length) → float32 samples in [-1, 1)."""
+    if len(data) % 2:
+        raise ValueError(f"S16LE audio must have an even number of bytes, got {len(data)}")
+    return torch.from_numpy(np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0)
+
+
+def float_to_pcm16(audio: Tensor) -> bytes:
+    clipped = torch.clamp(audio * 32768.0, -32768, 32767).round().to(torch.int16)
+    return clipped.numpy().astype("<i2").tobytes()
+
+
+def resample(audio: Tensor, source_rate: int, target_rate: int, zero_crossings: int = 16) -> Tensor:
+    """Band-limited resampling: each output sample is a Kaiser-windowed sinc interpolation of the
+    input, with the cutoff at 95% of the lower Nyquist so downsampling does not alias."""
+    if source_rate == target_rate:
+        return audio
+    g = math.gcd(source_rate, target_rate)
+    up, down = target_rate // g, source_rate // g
+    cutoff = min(1.0, up / down) * 0.95  # fraction of the input Nyquist
+    reach = math.ceil(zero_crossings / cutoff)  # input samples each side of an output sample
+    x = torch.nn.functional.pad(audio.double(), (reach, reach + 1))
+    n_out = len(audio) * up // down
+    offsets = torch.arange(-reach + 1, reach + 1, dtype=torch.int64)
+    pieces = []
+    for start in range(0, n_out, 16000):  # blocks bound the [outputs, taps] matrices
+        n = torch.arange(start, min(start + 16000, n_out), dtype=torch.int64)
+        k = (n * down // up).unsqueeze(1) + offsets  # contributing input samples
+        distance = (n.unsqueeze(1) * down - k * up).double() / up  # in input samples
+        window = torch.special.i0(8.6 * torch.sqrt(torch.clamp(1 - (distance * cutoff / zero_crossings) ** 2, 0)))
+        weights = cutoff * torch.sinc(cutoff * distance) * window / torch.special.i0(torch.tensor(8.6))
+        pieces.append((x[k + reach] * weights).sum(1))
+    return torch.cat(pieces).float() if pieces else audio.new_zeros(0)
+
+
+def load_audio(path: str | Path, sample_rate: int = 16000) -> Tensor:
+    """A WAV/FLAC/OGG file as mono float32 at `sample_rate` (channels averaged, resampled if needed)."""
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as err:
+        raise ValueError(f"cannot read audio file {path}: {err}") from err
+    mono = torch.from_numpy(data.mean(axis=1))
+    return resample(mono, rate, sample_rate)
