@@ -40,7 +40,9 @@ def resample(audio: Tensor, source_rate: int, target_rate: int, zero_crossings: 
         n = torch.arange(start, min(start + 16000, n_out), dtype=torch.int64)
         k = (n * down // up).unsqueeze(1) + offsets  # contributing input samples
         distance = (n.unsqueeze(1) * down - k * up).double() / up  # in input samples
-        window = torch.special.i0(8.6 * torch.sqrt(torch.clamp(1 - (distance * cutoff / zero_crossings) ** 2, 0)))
+        window = torch.special.i0(
+            8.6 * torch.sqrt(torch.clamp(1 - (distance * cutoff / zero_crossings) ** 2, 0))
+        )
         weights = cutoff * torch.sinc(cutoff * distance) * window / torch.special.i0(torch.tensor(8.6))
         pieces.append((x[k + reach] * weights).sum(1))
     return torch.cat(pieces).float() if pieces else audio.new_zeros(0)

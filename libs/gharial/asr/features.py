@@ -61,7 +61,9 @@ def mel_filterbank(cfg: FeatureConfig) -> Tensor:
         return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
 
     nyquist = cfg.sample_rate / 2
-    edges = mel_to_hz(torch.linspace(0.0, float(hz_to_mel(torch.tensor(nyquist))), cfg.n_mels + 2, dtype=torch.float64))
+    edges = mel_to_hz(
+        torch.linspace(0.0, float(hz_to_mel(torch.tensor(nyquist))), cfg.n_mels + 2, dtype=torch.float64)
+    )
     bins = torch.linspace(0.0, nyquist, cfg.n_fft // 2 + 1, dtype=torch.float64).unsqueeze(1)
     lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
     rising = (bins - lower) / (centre - lower)

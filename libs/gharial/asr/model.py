@@ -30,7 +30,7 @@ class LSTMState(NamedTuple):
         z = like.new_zeros(layers, batch, hidden)
         return LSTMState(z, z.clone())
 
-    def index(self, rows: Tensor) -> LSTMState:
+    def select(self, rows: Tensor) -> LSTMState:
         """The states of batch rows `rows` (a LongTensor of indices)."""
         return LSTMState(self.h[:, rows], self.c[:, rows])
 
@@ -49,8 +49,8 @@ class EncoderState(NamedTuple):
     pre: LSTMState
     post: LSTMState
 
-    def index(self, rows: Tensor) -> EncoderState:
-        return EncoderState(self.pre.index(rows), self.post.index(rows))
+    def select(self, rows: Tensor) -> EncoderState:
+        return EncoderState(self.pre.select(rows), self.post.select(rows))
 
     @staticmethod
     def cat(states: list[EncoderState]) -> EncoderState:
@@ -71,10 +71,12 @@ class Encoder(nn.Module):
         enc = cfg.encoder
         self.stack = enc.stack_time
         self.pre_rnn = nn.LSTM(cfg.features.feature_dim, enc.hidden, enc.pre_rnn_layers, batch_first=True)
-        self.post_rnn = nn.LSTM(enc.stack_time * enc.hidden, enc.hidden, enc.post_rnn_layers, batch_first=True)
+        self.post_rnn = nn.LSTM(
+            enc.stack_time * enc.hidden, enc.hidden, enc.post_rnn_layers, batch_first=True
+        )
 
     def initial_state(self, batch: int) -> EncoderState:
-        like = self.pre_rnn.weight_hh_l0
+        like = next(self.parameters())
         return EncoderState(
             LSTMState.zeros(self.pre_rnn.num_layers, batch, self.pre_rnn.hidden_size, like),
             LSTMState.zeros(self.post_rnn.num_layers, batch, self.post_rnn.hidden_size, like),
@@ -98,7 +100,7 @@ class Predictor(nn.Module):
         self.rnn = nn.LSTM(cfg.predictor.hidden, cfg.predictor.hidden, cfg.predictor.layers, batch_first=True)
 
     def initial_state(self, batch: int) -> LSTMState:
-        return LSTMState.zeros(self.rnn.num_layers, batch, self.rnn.hidden_size, self.rnn.weight_hh_l0)
+        return LSTMState.zeros(self.rnn.num_layers, batch, self.rnn.hidden_size, self.embed.weight)
 
     def forward(self, tokens: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
         """tokens [B, U] (blank_id allowed, meaning SOS) → ([B, U, H], new state)."""

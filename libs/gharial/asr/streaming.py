@@ -111,14 +111,16 @@ class Recognizer(Generic[S]):
     def step(self, features: Tensor, streams: list[Stream[S]]) -> list[StepResult]:
         """Advance each stream by one 60 ms frame: features [B, 2, F] (row b for streams[b])."""
         if features.shape[:2] != (len(streams), self.frames_per_step):
-            raise ValueError(f"expected features [{len(streams)}, {self.frames_per_step}, F], got {list(features.shape)}")
+            raise ValueError(
+                f"expected features [{len(streams)}, {self.frames_per_step}, F], got {list(features.shape)}"
+            )
         for stream in streams:
             self._apply_state_resets(stream)
         contexts = [c for s in streams for c in s.contexts()]
         rows = torch.tensor([b for b, s in enumerate(streams) for _ in s.contexts()])
         out, state = self.model.encoder(features[rows], EncoderState.cat([c.encoder for c in contexts]))
         for i, context in enumerate(contexts):
-            context.encoder = state.index(torch.tensor([i]))
+            context.encoder = state.select(torch.tensor([i]))
         return self._decode(streams, contexts, self.model.joint.enc_proj(out[:, 0]))
 
     @torch.inference_mode()
@@ -130,7 +132,9 @@ class Recognizer(Generic[S]):
         for t in range(features.shape[0] // self.frames_per_step):
             self._apply_state_resets(stream)
             first = self._segment_of(t)
-            encoded = torch.stack([segments[first + i][1][t - segments[first + i][0]] for i in range(len(stream.contexts()))])
+            encoded = torch.stack(
+                [segments[first + i][1][t - segments[first + i][0]] for i in range(len(stream.contexts()))]
+            )
             (result,) = self._decode([stream], stream.contexts(), encoded)
             tokens += result.final or []
         return tokens + self.finish(stream)
@@ -151,9 +155,14 @@ class Recognizer(Generic[S]):
         segment, overlap = self.config.segment_frames, self.config.overlap_frames
         bounds = [(0, n_frames)]
         if segment:
-            bounds = [(max(0, k * segment - overlap), min(n_frames, (k + 1) * segment)) for k in range(-(-n_frames // segment))]
+            bounds = [
+                (max(0, k * segment - overlap), min(n_frames, (k + 1) * segment))
+                for k in range(-(-n_frames // segment))
+            ]
         per_frame = features.reshape(n_frames, self.frames_per_step, -1)
-        batch = torch.nn.utils.rnn.pad_sequence([per_frame[a:b].flatten(0, 1) for a, b in bounds], batch_first=True)
+        batch = torch.nn.utils.rnn.pad_sequence(
+            [per_frame[a:b].flatten(0, 1) for a, b in bounds], batch_first=True
+        )
         out, _ = self.model.encoder(batch)
         projected = self.model.joint.enc_proj(out)
         return [(a, projected[k, : b - a]) for k, (a, b) in enumerate(bounds)]
@@ -171,7 +180,9 @@ class Recognizer(Generic[S]):
             self.decoder.commit(stream.shadow.decoder)  # its overlap tokens belong to the old segment
             stream.main, stream.shadow = stream.shadow, None
 
-    def _decode(self, streams: list[Stream[S]], contexts: list[Context[S]], encoded: Tensor) -> list[StepResult]:
+    def _decode(
+        self, streams: list[Stream[S]], contexts: list[Context[S]], encoded: Tensor
+    ) -> list[StepResult]:
         frames = [s.frame for s in streams for _ in s.contexts()]
         self.decoder.advance(encoded, [c.decoder for c in contexts], frames)
         results = []

@@ -36,12 +36,12 @@ _NUMBER_RE = re.compile(
 _CURRENCIES = {"$": ("dollar", "cent"), "£": ("pound", "penny"), "€": ("euro", "cent")}
 _PLURALS = {"penny": "pence"}
 
-_ONES = (
+_ONES = (  # noqa: SIM905 (a word list reads better than 20 quoted strings)
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen"
 ).split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_SCALES = "thousand million billion trillion quadrillion quintillion".split()
+_TENS = ["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_SCALES = ["thousand", "million", "billion", "trillion", "quadrillion", "quintillion"]
 _MAX_CARDINAL = 1000 ** (len(_SCALES) + 1)  # beyond this, numbers are read digit by digit
 _ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth"}
 _ORDINALS |= {"nine": "ninth", "twelve": "twelfth"}
@@ -58,9 +58,10 @@ def normalize_transcript(text: str) -> str:
     3. Numbers are spelled out in English words without hyphens or "and":
        cardinals (``42`` → ``forty two``, ``1999`` → ``one thousand nine hundred ninety nine``,
        ``1,000`` → ``one thousand``), ordinals (``2nd`` → ``second``), plurals
-       (``1990s``, ``1990's`` → ``... nineties``), decimals read digit by digit (``3.5`` → ``three point five``),
-       negatives (``-3`` → ``minus three``), currency (``$5`` → ``five dollars``,
-       ``$1.50`` → ``one dollar fifty cents``, ``£2 million`` → ``two million pounds``).
+       (``1990s``, ``1990's`` → ``... nineties``), decimals read digit by digit
+       (``3.5`` → ``three point five``), negatives (``-3`` → ``minus three``),
+       currency (``$5`` → ``five dollars``, ``$1.50`` → ``one dollar fifty cents``,
+       ``£2 million`` → ``two million pounds``).
        Numbers with a leading zero or of 10^21 and above are read digit by digit (``007``).
     4. ``&`` ``%`` ``+`` ``@`` ``=`` become ``and`` ``percent`` ``plus`` ``at`` ``equals``.
     5. ``. , ! ? ; :`` and double quotes are deleted; every other character outside `CHARSET`
@@ -73,7 +74,8 @@ def normalize_transcript(text: str) -> str:
     """
     text = text.translate(_APOSTROPHES).translate(_MINUS_SIGNS)
     text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", text).casefold())
-    text = "".join(_fold_char(c) for c in text if unicodedata.category(c) not in ("Mn", "Me")).translate(_LETTERS)
+    text = "".join(_fold_char(c) for c in text if unicodedata.category(c) not in ("Mn", "Me"))
+    text = text.translate(_LETTERS)
     text = _THOUSANDS_RE.sub(lambda m: m.group().replace(",", ""), text)
     text = _NUMBER_RE.sub(_spell_number_match, text)
     text = _SYMBOL_RE.sub(lambda m: _SYMBOLS[m.group()], text)
@@ -129,7 +131,7 @@ def _spell_decimal(int_part: str, frac: str | None) -> str:
 
 
 def _spell_integer(digits: str) -> str:
-    """Cardinal words, or digit by digit where a cardinal would lose information (leading zeros) or run out."""
+    """Cardinal words, or digit by digit where a cardinal would drop leading zeros or run out of scales."""
     if (len(digits) > 1 and digits[0] == "0") or int(digits) >= _MAX_CARDINAL:
         return _spell_digits(digits)
     return _cardinal(int(digits))

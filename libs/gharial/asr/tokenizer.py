@@ -7,6 +7,7 @@ serialized model proto (`Tokenizer.model_bytes`), which checkpoints embed so the
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece.sentencepiece_model_pb2 import ModelProto  # type: ignore[attr-defined]
 
 from gharial.asr.text import CHARSET, normalize_transcript
 
@@ -34,10 +36,15 @@ def train_tokenizer(
 
     Transcripts are normalised first, so the tokenizer sees exactly what training targets look like.
     Every character of `CHARSET` is forced into the vocabulary so any normalised text encodes without
-    ``<unk>``. Training is single-threaded with a fixed seed, so the same texts give the same model.
+    ``<unk>``. Training is single-threaded with a fixed seed, and the temporary corpus path is cleared
+    from the stored trainer spec, so the same texts give byte-identical model files.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {model_type!r}")
+    user_defined_symbols = list(user_defined_symbols)
+    for symbol in user_defined_symbols:  # anything else could never occur in normalised text
+        if not symbol or " " in symbol or normalize_transcript(symbol) != symbol:
+            raise ValueError(f"user-defined symbol {symbol!r} must be a single normalised word")
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,15 +58,16 @@ def train_tokenizer(
         if n_lines == 0:
             raise ValueError("cannot train a tokenizer: no non-empty transcripts after normalisation")
         spm.set_random_generator_seed(_SEED)
+        writer = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
                 input=str(corpus),
-                model_prefix=str(output_prefix),
+                model_writer=writer,
                 vocab_size=vocab_size,
                 model_type=model_type,
                 character_coverage=1.0,
                 required_chars=CHARSET.replace(" ", ""),
-                user_defined_symbols=list(user_defined_symbols),
+                user_defined_symbols=user_defined_symbols,
                 unk_id=0,
                 bos_id=-1,
                 eos_id=-1,
@@ -81,9 +89,14 @@ def train_tokenizer(
                     "use more transcripts or a smaller vocabulary"
                 ) from e
             raise
-    model_path = Path(f"{output_prefix}.model")
-    if (got := Tokenizer.load(model_path).vocab_size) != vocab_size:  # guard against silent shrinking
+    proto = ModelProto()
+    proto.ParseFromString(writer.getvalue())
+    proto.trainer_spec.ClearField("input")
+    model_bytes = proto.SerializeToString(deterministic=True)
+    if (got := Tokenizer.from_bytes(model_bytes).vocab_size) != vocab_size:  # guard against silent shrinking
         raise ValueError(f"sentencepiece produced {got} pieces, expected vocab_size={vocab_size}")
+    model_path = Path(f"{output_prefix}.model")
+    model_path.write_bytes(model_bytes)
     return model_path
 
 
@@ -91,6 +104,7 @@ class Tokenizer:
     """Text ↔ token ids. Ids are in ``[0, vocab_size)``; the blank (``vocab_size``) is not a token."""
 
     def __init__(self, model_bytes: bytes) -> None:
+        _check_complete(model_bytes)
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(model_bytes)
@@ -136,3 +150,20 @@ class Tokenizer:
                 f"token id {id} outside the vocabulary [0, {self.vocab_size}) (the blank, {self.vocab_size}, "
                 "is not a token)"
             )
+
+
+def _check_complete(model_bytes: bytes) -> None:
+    """Catch truncation that still parses: protobuf accepts a prefix cut at a piece boundary."""
+    proto = ModelProto()
+    try:
+        proto.ParseFromString(model_bytes)
+    except Exception as e:  # protobuf's DecodeError, whose import path varies between runtimes
+        raise ValueError(f"not a sentencepiece model: {e}") from e
+    if not proto.HasField("trainer_spec") or not proto.HasField("normalizer_spec"):
+        raise ValueError("not a sentencepiece model: trainer/normalizer spec missing (truncated?)")
+    spec = proto.trainer_spec
+    if spec.hard_vocab_limit and len(proto.pieces) != spec.vocab_size:
+        raise ValueError(
+            f"not a sentencepiece model: {len(proto.pieces)} pieces but trained for {spec.vocab_size} "
+            "(truncated?)"
+        )

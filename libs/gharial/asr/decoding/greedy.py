@@ -58,11 +58,11 @@ class GreedyDecoder:
             active, best = active[emitting], best[emitting]
             for row, token in zip(active.tolist(), best.tolist(), strict=True):
                 states[row].tokens.append(Token(token, frames[row]))
-            projected, new_pred = self._predict(best, pred.index(active))
+            projected, new_pred = self._predict(best, pred.select(active))
             pred_projected[active] = projected
             pred = pred.put(active, new_pred)
         for row, state in enumerate(states):
-            state.pred = pred.index(torch.tensor([row]))
+            state.pred = pred.select(torch.tensor([row]))
             state.pred_projected = pred_projected[row]
 
     def best(self, state: GreedyState) -> list[Token]:

@@ -1,0 +1,20 @@
+"""Entry point of the `gharial` command: `gharial --help` lists every command."""
+
+from __future__ import annotations
+
+import typer
+
+from gharial.cli import model, transcribe
+
+app = typer.Typer(
+    name="gharial",
+    help="Gharial: open streaming speech recognition (LSTM RNN-T) — models, tools and services.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(model.app, name="model")
+app.command("transcribe")(transcribe.transcribe)
+
+if __name__ == "__main__":
+    app()
