@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import kenlm
 import pytest
 import torch
+from pydantic import ValidationError
+from torch import Tensor
+
 from gharial.asr.config import load_model_config
 from gharial.asr.decoding.base import Token
 from gharial.asr.decoding.beam import BeamConfig, BeamDecoder, BeamState
 from gharial.asr.decoding.greedy import GreedyDecoder, GreedyState
 from gharial.asr.decoding.keywords import ROOT, KeywordBoost
 from gharial.asr.decoding.lm import NgramLM
-from gharial.asr.model import RNNT
-from pydantic import ValidationError
-from torch import Tensor
+from gharial.asr.model import RNNT, LSTMState
 
 V = 31  # the tiny config's vocabulary; blank is 31
 JOINT = 48
@@ -40,10 +42,12 @@ def toy_model(seed: int) -> RNNT:
         model.predictor.embed.weight.zero_()
         model.predictor.embed.weight[:, :V] += 3 * eye
         rnn = model.predictor.rnn  # gates i, f, g, o
-        rnn.bias_ih_l0[:hidden] += 6
-        rnn.bias_ih_l0[hidden : 2 * hidden] *= 0
-        rnn.bias_ih_l0[3 * hidden :] += 6
-        rnn.weight_ih_l0[2 * hidden : 3 * hidden] += torch.eye(hidden)
+        bias, weight = rnn.bias_ih_l0, rnn.weight_ih_l0
+        assert isinstance(bias, Tensor) and isinstance(weight, Tensor)
+        bias[:hidden] += 6  # input and output gates open, forget gate half open
+        bias[hidden : 2 * hidden] *= 0
+        bias[3 * hidden :] += 6
+        weight[2 * hidden : 3 * hidden] += torch.eye(hidden)  # cell input: the token's one-hot
         model.joint.pred_proj.weight[:V, :V] -= 10 * eye
         model.joint.out.weight[:V, :V] += 4 * eye
         model.joint.out.bias[V] += 2
@@ -55,7 +59,7 @@ def random_frames(seed: int, streams: int, frames: int) -> Tensor:
     return torch.randn(streams, frames, JOINT, generator=torch.Generator().manual_seed(seed)) - 2
 
 
-def decode(decoder, enc: Tensor, lengths: list[int], states: list | None = None) -> list:  # type: ignore[no-untyped-def]
+def decode(decoder: Any, enc: Tensor, lengths: list[int], states: list[Any] | None = None) -> list[Any]:
     """Run `decoder` over streams of different lengths, batching whichever streams have a frame."""
     states = states if states is not None else [decoder.initial_state() for _ in lengths]
     for t in range(max(lengths)):
@@ -69,7 +73,7 @@ def path_score(model: RNNT, enc: Tensor, tokens: list[Token], temperature: float
     """Temperature-scaled log-probability of one alignment: `tokens` at their frames, then blank,
     except after `max_symbols` tokens in a frame (the decoder moves on without one)."""
 
-    def feed(token: int, state):  # type: ignore[no-untyped-def]
+    def feed(token: int, state: LSTMState | None) -> tuple[Tensor, LSTMState]:
         out, state = model.predictor(torch.tensor([[token]]), state)
         return model.joint.pred_proj(out[0, 0]), state
 
@@ -107,7 +111,7 @@ def test_width_one_is_greedy(temperature: float, max_symbols: int | None, prune:
         for b, (g, s) in enumerate(zip(greedy, states, strict=True)):
             assert beam.best(s) == g.tokens
             expected = path_score(model, enc[b, : lengths[b]], g.tokens, temperature, beam.max_symbols)
-            assert beam.nbest(s, 1)[0][1] == pytest.approx(expected, abs=1e-6)
+            assert beam.nbest(s, 1)[0][1] == pytest.approx(expected, abs=1e-4)
 
 
 def test_max_symbols_caps_tokens_per_frame() -> None:
@@ -126,7 +130,9 @@ def test_batching_does_not_change_results() -> None:
     for b, n in enumerate(lengths):
         (alone,) = decode(beam, enc[b : b + 1], [n])
         assert [tokens for tokens, _ in beam.nbest(alone, 4)] == [t for t, _ in beam.nbest(together[b], 4)]
-        assert [s for _, s in beam.nbest(alone, 4)] == pytest.approx([s for _, s in beam.nbest(together[b], 4)])
+        assert [s for _, s in beam.nbest(alone, 4)] == pytest.approx(
+            [s for _, s in beam.nbest(together[b], 4)]
+        )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -138,9 +144,9 @@ def test_wider_beam_scores_at_least_greedy(seed: int) -> None:
     beam = BeamDecoder(model, config)
     for b, state in enumerate(decode(beam, enc, lengths)):
         greedy_score = path_score(model, enc[b], greedy[b].tokens, config.temperature, beam.max_symbols)
-        assert beam.nbest(state, 1)[0][1] >= greedy_score - 1e-9
+        assert beam.nbest(state, 1)[0][1] >= greedy_score - 1e-4
         for tokens, score in beam.nbest(state, 4):  # merged alignments only ever add probability
-            assert score >= path_score(model, enc[b], tokens, config.temperature, beam.max_symbols) - 1e-6
+            assert score >= path_score(model, enc[b], tokens, config.temperature, beam.max_symbols) - 1e-4
         scores = [score for _, score in beam.nbest(state, 4)]
         assert scores == sorted(scores, reverse=True) and 1 < len(scores) <= 4
 
@@ -231,8 +237,9 @@ def test_keyword_wins_a_tie() -> None:
 
 
 def test_keyword_prefix_is_refunded() -> None:
-    model = scripted_model([{A: 15, B: 15}, {D: 15}, {C: 15}])
+    model = scripted_model([{A: 15.5, B: 15}, {D: 15}, {C: 15}])  # A is a little more likely
     beam = BeamDecoder(model, BeamConfig())
+    assert ids(beam.best(run(beam, [0]))) == [A]
     state = run(beam, [0], beam.initial_state(keywords=[[B, C]]))
     assert ids(beam.best(state)) == [B]  # boosted while the match may still complete
     assert ids(beam.commit(state)) == [A]  # but a hypothesis ending mid-keyword earns nothing
@@ -305,19 +312,21 @@ def test_lm_scores_words_when_complete(arpa: Path) -> None:
     assert delta == 0.0 and state.partial == "cat"
     state, delta = lm.advance(state, "\u2581sat")  # "cat" is complete now
     assert delta == pytest.approx(raw.score("cat", bos=True, eos=False) * math.log(10))
-    assert lm.finish(state) == pytest.approx((raw.score("cat sat", bos=True, eos=True) * math.log(10)) - delta)
+    assert lm.finish(state) == pytest.approx(
+        (raw.score("cat sat", bos=True, eos=True) * math.log(10)) - delta
+    )
     assert lm.finish(lm.begin()) == pytest.approx(raw.score("", bos=True, eos=True) * math.log(10))
 
 
 def test_lm_from_bytes_and_errors(arpa: Path, tmp_path: Path) -> None:
-    by_path, by_bytes = NgramLM(arpa), NgramLM.from_bytes(arpa.read_bytes())
-    for lm in by_path, by_bytes:
+    def scores(lm: NgramLM) -> tuple[float, float]:
         state, _ = lm.advance(lm.begin(), "\u2581cap")
         state, delta = lm.advance(state, "\u2581sat")
-        assert (delta, lm.finish(state)) == (
-            pytest.approx(-3.0 * math.log(10)),
-            pytest.approx((-1.0 - 0.3 - 1.0) * math.log(10)),  # backoff(sat) + p(</s>)... via sat
-        ) or lm is by_bytes
+        return delta, lm.finish(state)
+
+    by_path, by_bytes = NgramLM(arpa), NgramLM.from_bytes(arpa.read_bytes())
+    assert scores(by_path) == scores(by_bytes)
+    assert scores(by_path)[0] == pytest.approx((-0.5 - 3.0) * math.log(10))  # backoff(<s>) + p(cap)
     assert by_path.order == by_bytes.order == 2
     corrupt = tmp_path / "corrupt.arpa"
     corrupt.write_text("not an lm\n")

@@ -20,30 +20,24 @@ from gharial.asr.checkpoint import (
     HardwareCheckpointMeta,
     compute_checksum,
 )
-from gharial.asr.config import ModelConfig, load_model_config
+from gharial.asr.config import ModelConfig
 from gharial.asr.features import MelStats
 from gharial.asr.model import RNNT
 from gharial.asr.tokenizer import train_tokenizer
 
+from .conftest import sentences
+
 ARPA = b"\\data\\\nngram 1=3\n\n\\1-grams:\n-1.0\t<s>\n-0.5\t</s>\n-0.3\thello\n\n\\end\\\n"
 
-PHRASES = ("the quick brown fox", "jumps over", "a lazy dog", "seven wizards", "can't vex", "the big sphinx")
 
-
-def sentences(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(PHRASES) for _ in range(rng.randint(1, 5))) for _ in range(n)]
+@pytest.fixture(scope="module")
+def cfg(tiny_config: ModelConfig) -> ModelConfig:
+    return tiny_config
 
 
 @pytest.fixture(scope="module")
-def cfg() -> ModelConfig:
-    return load_model_config("tiny")
-
-
-@pytest.fixture(scope="module")
-def spm_bytes(cfg: ModelConfig, tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    path = train_tokenizer(sentences(400), cfg.vocab_size, tmp_path_factory.mktemp("spm") / "spm")
-    return path.read_bytes()
+def spm_bytes(tiny_tokenizer_bytes: bytes) -> bytes:
+    return tiny_tokenizer_bytes
 
 
 @pytest.fixture
