@@ -5,6 +5,7 @@ are meant to flip (and only those)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +23,21 @@ from gharial.asr.decoding.keywords import ROOT, KeywordBoost
 from gharial.asr.decoding.lm import NgramLM
 from gharial.asr.model import RNNT, LSTMState
 
+from .conftest import emitting_model as toy_model
+
 V = 31  # the tiny config's vocabulary; blank is 31
 JOINT = 48
 NO_PRUNING = {"token_prune": 1e9, "beam_prune": 1e9}
 
 
-def toy_model(seed: int) -> RNNT:
-    """A random tiny model with a hand-set backbone so that it behaves like a trained one: joint unit
-    k < V carries "the encoder proposes token k" into token k's logit, the prediction network
-    remembers recently emitted tokens (one-hot embedding, half-open forget gate) and suppresses
-    them, and blank wins otherwise. A purely random model emits `max_symbols` tokens every frame."""
-    torch.manual_seed(seed)
-    model = RNNT(load_model_config("tiny")).eval()
-    hidden = model.cfg.predictor.hidden
-    eye = torch.eye(V)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(0.3)  # what is left of the random weights is noise that breaks ties
-        model.predictor.embed.weight.zero_()
-        model.predictor.embed.weight[:, :V] += 3 * eye
-        rnn = model.predictor.rnn  # gates i, f, g, o
-        bias, weight = rnn.bias_ih_l0, rnn.weight_ih_l0
-        assert isinstance(bias, Tensor) and isinstance(weight, Tensor)
-        bias[:hidden] += 6  # input and output gates open, forget gate half open
-        bias[hidden : 2 * hidden] *= 0
-        bias[3 * hidden :] += 6
-        weight[2 * hidden : 3 * hidden] += torch.eye(hidden)  # cell input: the token's one-hot
-        model.joint.pred_proj.weight[:V, :V] -= 10 * eye
-        model.joint.out.weight[:V, :V] += 4 * eye
-        model.joint.out.bias[V] += 2
-    return model
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """These tensors are tiny: a thread pool only adds overhead, and on a busy machine its spinning
+    threads made this module 15x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_frames(seed: int, streams: int, frames: int) -> Tensor:
@@ -151,6 +137,21 @@ def test_wider_beam_scores_at_least_greedy(seed: int) -> None:
         assert scores == sorted(scores, reverse=True) and 1 < len(scores) <= 4
 
 
+def test_skipping_hopeless_candidates_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    lengths = [30, 30, 20]
+    model, enc = toy_model(3), random_frames(3, len(lengths), max(lengths))
+    beam = BeamDecoder(model, BeamConfig(keyword_boost=1.5))
+    keywords = [None, [[26, 2], [20, 28, 17]], [[5]]]
+
+    def results() -> list[list[tuple[list[Token], float]]]:
+        states = [beam.initial_state(keywords=k) for k in keywords]
+        return [beam.nbest(s, 4) for s in decode(beam, enc, lengths, states)]
+
+    fast = results()
+    monkeypatch.setattr(BeamDecoder, "_hopeless_below", lambda self, pool: -math.inf)
+    assert results() == fast
+
+
 def common_prefix(sequences: list[list[int]]) -> int:
     n = 0
     while all(len(s) > n and s[n] == sequences[0][n] for s in sequences):
@@ -165,18 +166,23 @@ def test_provisional_and_commit() -> None:
     committed: list[list[Token]] = []
     snapshots: list[list[Token]] = []
     saw_disagreement = False
+    shown: list[Token] = []
     for t in range(60):
         beam.advance(enc[:, t], [state], [t])
         ids = [[tok.id for tok in tokens] for tokens, _ in beam.nbest(state, 4)]
         provisional = beam.provisional(state)
         assert provisional == beam.best(state)[: common_prefix(ids)]
         saw_disagreement |= len(provisional) < len(beam.best(state))
+        assert provisional[: len(shown)] == shown  # provisional text never retracts
+        shown = provisional
         if t % 15 == 14:
             best = beam.best(state)
             tokens = beam.commit(state)
             assert tokens == best
             assert len(state.hyps) == 1 and state.hyps[0].tokens == () and state.hyps[0].score == 0.0
             assert beam.best(state) == beam.provisional(state) == []
+            assert tokens[: len(shown)] == shown
+            shown = []
             committed.append(tokens)
             snapshots.append(list(tokens))
     assert saw_disagreement

@@ -48,7 +48,7 @@ class BeamConfig(BaseModel):
     temperature: float = Field(1.4, gt=0, description="logits are divided by this before log_softmax")
     token_topk: int = Field(4, ge=1, description="non-blank tokens expanded per hypothesis per round")
     token_prune: float = Field(
-        6.0, ge=0, description="expand only tokens within this of the hypothesis's best log-prob"
+        6.0, ge=0, description="expand only tokens within this of the hypothesis's best (scaled) log-prob"
     )
     beam_prune: float = Field(10.0, ge=0, description="drop hypotheses scoring this far below the best")
     lm_scale: float = Field(0.05, ge=0, description="weight of the n-gram LM's natural-log score")
@@ -178,17 +178,30 @@ class BeamDecoder:
         # double precision keeps distinct logits distinct after scaling (width 1 must equal greedy)
         logp = (logits.double() / self.config.temperature).log_softmax(-1)
         top_lp, top_id = logp[:, :blank].topk(min(self.config.token_topk, blank), -1)
-        floors = (logp.max(-1).values - self.config.token_prune).tolist()
+        token_floors = (logp.max(-1).values - self.config.token_prune).tolist()
         blank_lps, top_lps, top_ids = logp[:, blank].tolist(), top_lp.tolist(), top_id.tolist()
         for j, (path, stream) in enumerate(zip(continuing, streams, strict=True)):
-            pool, boost = pools[stream], states[stream].keywords
             self._merge(
-                pool, path._replace(score=path.score + blank_lps[j], key=(*path.key, blank), done=True)
+                pools[stream],
+                path._replace(score=path.score + blank_lps[j], key=(*path.key, blank), done=True),
             )
+        hopeless = {stream: self._hopeless_below(pools[stream]) for stream in dict.fromkeys(streams)}
+        for j, (path, stream) in enumerate(zip(continuing, streams, strict=True)):
+            boost = states[stream].keywords
+            bonus = max(boost.boost, 0.0) if boost is not None else 0.0  # the most a token can gain
             for lp, token in zip(top_lps[j], top_ids[j], strict=True):
-                if lp < floors[j]:
+                if lp < token_floors[j] or path.score + lp + bonus < hopeless[stream]:
                     break  # sorted: the rest are pruned too
-                self._merge(pool, self._extend(path, token, lp, frames[stream], boost))
+                self._merge(pools[stream], self._extend(path, token, lp, frames[stream], boost))
+
+    def _hopeless_below(self, pool: dict[tuple[int, ...], _Path]) -> float:
+        """A score under which no new token candidate can survive `_prune`, given the pool's done
+        paths (whose scores can only rise by merging): `width` of them beat it, or it is beyond
+        `beam_prune`. Skipping such candidates early changes nothing but the work done; it relies
+        on LM scores being log-probabilities (≤ 0)."""
+        scores = heapq.nlargest(self.config.width, (p.score for p in pool.values()))
+        floor = scores[0] - self.config.beam_prune
+        return max(floor, scores[-1]) if len(scores) == self.config.width else floor
 
     def _extend(self, path: _Path, token: int, lp: float, frame: int, boost: KeywordBoost | None) -> _Path:
         """`path` followed by `token`: acoustic, LM and keyword scores, predictor not yet run."""
@@ -261,8 +274,8 @@ class BeamDecoder:
         return list(state.hyps[0].tokens)
 
     def provisional(self, state: BeamState) -> list[Token]:
-        """The tokens all hypotheses agree on: no later frame can change them short of pruning
-        every hypothesis that has them, so they are shown before they are final."""
+        """The tokens all hypotheses agree on. Every later hypothesis extends one of today's, so
+        this prefix only ever grows until the next commit, which keeps it too: final in all but name."""
         tokens = state.hyps[0].tokens
         n = len(tokens)
         for hyp in state.hyps[1:]:
@@ -289,7 +302,7 @@ class BeamDecoder:
         """Pick the best hypothesis by `final_score` and continue from it alone, its score reset to 0.
         Mid-stream (an endpoint, a state reset) its LM context and keyword match carry on, since the
         speaker may well continue the sentence; at end of stream they restart."""
-        best = max(state.hyps, key=lambda h: self.final_score(state, h))  # ties: the earlier, better one
+        best = min(state.hyps, key=lambda h: (-self.final_score(state, h), [t.id for t in h.tokens]))
         lm, keyword = best.lm, best.keyword
         if end_of_stream:
             lm = self.lm.begin() if self.lm is not None else None

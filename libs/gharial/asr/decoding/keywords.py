@@ -11,7 +11,9 @@ node it has matched up to and the bonus collected on that still-partial match. T
   from the root, where it may start a new match.
 
 Refunding is what makes boosting safe: a hypothesis only keeps bonus for keywords it actually
-says, so a beam cannot be steered into a prefix of a keyword ("cal" for "caiman") and left there.
+says, so boosting cannot promote a mere prefix of a keyword (the first pieces of a name followed
+by something else) over what the audio says. The decoder also refunds a still-pending bonus when
+it ranks hypotheses for a commit (`pending`).
 Matching restarts only at the failing token (no Aho-Corasick failure links), which misses a
 keyword that starts inside a failed partial match of another: a deliberate simplification.
 """
