@@ -18,6 +18,10 @@ from gharial.asr.model import RNNT
 from gharial.asr.tokenizer import train_tokenizer
 
 SPEECH_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech-dev"
+# Test models are tiny: one thread each avoids OpenMP spin-waiting against other processes on
+# this 2-core machine, which otherwise slows the suite many times over.
+torch.set_num_threads(1)
+
 VOCAB = 31  # the tiny config's vocabulary; blank is 31
 PHRASES = ("the quick brown fox", "jumps over", "a lazy dog", "seven wizards", "can't vex", "the big sphinx")
 

@@ -100,6 +100,14 @@ def run_live(recognizer: Recognizer[Any], streams: list[LiveStream]) -> None:
         active = [s for s, _ in batch]
 
 
+def test_the_test_model_talks(setup: Setup) -> None:
+    """The equality tests below mean something only if the model emits tokens on this speech."""
+    greedy = Recognizer(setup.model, make_decoder("greedy", setup.model))
+    beam = Recognizer(setup.model, make_decoder("beam", setup.model))
+    assert all(len(greedy.transcribe(setup.extractor(u))) >= 5 for u in setup.utterances)
+    assert any(beam.transcribe(setup.extractor(u)) for u in setup.utterances)
+
+
 cut_lists = st.lists(st.integers(1, 80_000), max_size=10)
 
 
@@ -114,7 +122,6 @@ def test_one_stream_any_cutting_equals_offline(setup: Setup, kind: str, cuts: li
     live = LiveStream(recognizer, setup.extractor, audio, cuts)
     run_live(recognizer, [live])
     torch.testing.assert_close(torch.cat(live.all_features), offline_features, rtol=0, atol=1e-5)
-    assert offline, "the test model should emit tokens on this speech"
     assert [t.id for t in live.finals] == [t.id for t in offline]
     assert live.finals == offline  # same frames too
     assert tokens_to_text(setup.tokenizer, live.finals) == tokens_to_text(setup.tokenizer, offline)

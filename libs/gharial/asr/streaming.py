@@ -155,10 +155,8 @@ class Recognizer(Generic[S]):
         segment, overlap = self.config.segment_frames, self.config.overlap_frames
         bounds = [(0, n_frames)]
         if segment:
-            bounds = [
-                (max(0, k * segment - overlap), min(n_frames, (k + 1) * segment))
-                for k in range(-(-n_frames // segment))
-            ]
+            count = -(-(n_frames + overlap) // segment)  # every segment that starts before the end
+            bounds = [(max(0, k * segment - overlap), min(n_frames, (k + 1) * segment)) for k in range(count)]
         per_frame = features.reshape(n_frames, self.frames_per_step, -1)
         batch = torch.nn.utils.rnn.pad_sequence(
             [per_frame[a:b].flatten(0, 1) for a, b in bounds], batch_first=True
