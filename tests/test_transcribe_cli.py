@@ -1,0 +1,81 @@
+"""`gharial transcribe` end to end: a real WAV file, a hardware checkpoint on disk, the console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import soundfile
+import torch
+
+from gharial.asr.checkpoint import HardwareCheckpoint
+from gharial.asr.config import ModelConfig
+from gharial.asr.features import FeatureExtractor, MelStats
+from gharial.asr.pipeline import SpeechToText
+from gharial.audio import load_audio, resample
+
+from .conftest import SPEECH_DEV, emitting_model
+
+GHARIAL = Path(sys.executable).parent / "gharial"
+
+
+@pytest.fixture(scope="module")
+def wav(speech_dev_manifest: list[dict[str, Any]]) -> Path:
+    return SPEECH_DEV / speech_dev_manifest[2]["files"][0]["fname"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(
+    tiny_config: ModelConfig, tiny_tokenizer_bytes: bytes, wav: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    stats = MelStats.from_log_mels(FeatureExtractor(tiny_config.features).raw_log_mels(load_audio(wav)))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.hwckpt"
+    HardwareCheckpoint.from_model(emitting_model(acoustic_gain=400), stats, tiny_tokenizer_bytes).save(path)
+    return path
+
+
+def gharial(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([GHARIAL, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_transcribe_json(wav: Path, checkpoint: Path, beam: int) -> None:
+    out = gharial("transcribe", wav, "--checkpoint", checkpoint, "--beam", beam, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result) == {"transcript", "tokens", "seconds"}
+    expected = SpeechToText.load(checkpoint, beam_width=beam).transcribe(load_audio(wav))
+    assert result["tokens"] == expected.tokens
+    assert result["transcript"] == expected.transcript
+    if beam == 1:
+        assert result["tokens"], "the test model emits tokens on this speech"
+
+
+def test_transcribe_plain_text_and_resampled_input(wav: Path, checkpoint: Path, tmp_path: Path) -> None:
+    audio = load_audio(wav)
+    stereo_44k = tmp_path / "stereo44k.wav"
+    upsampled = resample(audio, 16000, 44100)
+    soundfile.write(stereo_44k, torch.stack([upsampled, upsampled], 1).numpy(), 44100)
+    out = gharial("transcribe", stereo_44k, "--checkpoint", checkpoint)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith("\n") and "{" not in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda tmp, wav, ckpt: [wav, "--checkpoint", tmp / "nope.hwckpt"], "no such file"),
+        (lambda tmp, wav, ckpt: [tmp / "nope.wav", "--checkpoint", ckpt], "cannot read audio file"),
+        (lambda tmp, wav, ckpt: [wav, "--checkpoint", wav], "not a torch file"),
+    ],
+)
+def test_transcribe_errors_are_clear(
+    tmp_path: Path, wav: Path, checkpoint: Path, make_args: Any, message: str
+) -> None:
+    out = gharial("transcribe", *make_args(tmp_path, wav, checkpoint))
+    assert out.returncode == 2
+    assert message in out.stderr.lower()
