@@ -14,7 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol, TypeVar
 
+import torch
 from torch import Tensor
+
+from gharial.asr.model import RNNT, LSTMState
 
 
 class Token(NamedTuple):
@@ -52,3 +55,16 @@ class Decoder(Protocol[State]):
     def commit(self, state: State, end_of_stream: bool = False) -> list[Token]:
         """Finalise: return the best hypothesis's tokens and continue from it alone, with none."""
         ...
+
+
+def predict_projected(model: RNNT, tokens: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+    """Feed one token per row [N] to the prediction network → (its outputs already projected by
+    the joint [N, joint hidden], new state). Decoders cache the projection per hypothesis."""
+    out, new_state = model.predictor(tokens.unsqueeze(1), state)
+    return model.joint.pred_proj(out[:, 0]), new_state
+
+
+@torch.inference_mode()
+def start_of_sequence(model: RNNT) -> tuple[Tensor, LSTMState]:
+    """The prediction network's projected output and state after SOS: where every stream starts."""
+    return predict_projected(model, torch.tensor([model.blank_id]), model.predictor.initial_state(1))

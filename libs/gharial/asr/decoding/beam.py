@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from gharial.asr.decoding.base import Token
+from gharial.asr.decoding.base import Token, predict_projected, start_of_sequence
 from gharial.asr.decoding.keywords import KeywordBoost, KeywordState
 from gharial.asr.decoding.lm import LMState, NgramLM
 from gharial.asr.model import RNNT, LSTMState
@@ -111,13 +111,7 @@ class BeamDecoder:
             raise ValueError(f"an LM needs the {model.cfg.vocab_size} sentencepiece pieces of the vocabulary")
         self.pieces = pieces
         self.lm = lm
-        with torch.inference_mode():
-            self._sos = self._predict(torch.tensor([self.blank_id]), model.predictor.initial_state(1))
-
-    def _predict(self, tokens: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
-        """Feed one token per row [N] → (joint-projected outputs [N, joint hidden], new state)."""
-        out, new_state = self.model.predictor(tokens.unsqueeze(1), state)
-        return self.model.joint.pred_proj(out[:, 0]), new_state
+        self._sos = start_of_sequence(model)
 
     def initial_state(self, keywords: list[list[int]] | None = None) -> BeamState:
         """A new stream; `keywords` (token-id sequences) are boosted in this stream only."""
@@ -155,7 +149,7 @@ class BeamDecoder:
                 break
             tokens = torch.tensor([p.tokens[-1].id for p in continuing])
             parents = torch.tensor([p.row - first_row for p in continuing])
-            out, pred = self._predict(tokens, preds[-1].select(parents))
+            out, pred = predict_projected(self.model, tokens, preds[-1].select(parents))
             first_row += projected[-1].shape[0]
             preds.append(pred)
             projected.append(out)

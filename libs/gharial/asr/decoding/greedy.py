@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gharial.asr.decoding.base import Token
+from gharial.asr.decoding.base import Token, predict_projected, start_of_sequence
 from gharial.asr.model import RNNT, LSTMState
 
 
@@ -32,13 +32,7 @@ class GreedyDecoder:
         self.model = model
         self.blank_id = model.blank_id
         self.max_symbols = max_symbols or model.cfg.max_symbols_per_step
-        with torch.inference_mode():
-            self._sos = self._predict(torch.tensor([self.blank_id]), model.predictor.initial_state(1))
-
-    def _predict(self, tokens: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
-        """Feed one token per row [N] → (joint-projected outputs [N, joint hidden], new state)."""
-        out, new_state = self.model.predictor(tokens.unsqueeze(1), state)
-        return self.model.joint.pred_proj(out[:, 0]), new_state
+        self._sos = start_of_sequence(model)
 
     def initial_state(self) -> GreedyState:
         projected, pred = self._sos
@@ -58,7 +52,7 @@ class GreedyDecoder:
             active, best = active[emitting], best[emitting]
             for row, token in zip(active.tolist(), best.tolist(), strict=True):
                 states[row].tokens.append(Token(token, frames[row]))
-            projected, new_pred = self._predict(best, pred.select(active))
+            projected, new_pred = predict_projected(self.model, best, pred.select(active))
             pred_projected[active] = projected
             pred = pred.put(active, new_pred)
         for row, state in enumerate(states):
