@@ -1,37 +1,53 @@
 """Core throughput: how many real-time streams one CPU core sustains with the batched 60 ms step.
 
-One process, five sections:
-  1. roofline: sgemm GFLOP/s (square sizes and the LSTM/joint shapes at every swept batch) and
-     memory copy bandwidth, with torch's thread count;
-  2. sweep: for each config and batch B, ms per `Recognizer.step` over B streams (what the servers
-     run every 60 ms) and ms of the bare model math for the same B, so the recognizer's own
-     overhead (state stacking, python) shows; real-time streams, streams per core, FLOPs, GFLOP/s;
-  3. batching gain and roofline fraction against the issue's targets;
-  4. int8 dynamic quantization: step ms and speed-up against fp32, and token agreement on speech.
-Results go to a rich table per section and to one JSON file.
+One process, four sections (a rich table each, and one JSON file):
+  1. roofline: sgemm GFLOP/s (square sizes, and the LSTM/joint GEMM shapes at every swept batch)
+     and memory read bandwidth, on torch's threads;
+  2. sweep: for each config and batch B, ms per `Recognizer.step` over B greedy streams (what the
+     servers run every 60 ms) and ms of the bare model math for the same B, so the recognizer's
+     own overhead (state stacking, python) shows; real-time streams, FLOPs, GFLOP/s, roofline share.
+     Each B runs twice: with torch's default (oneDNN on, through which nn.LSTM runs on CPU) and
+     with oneDNN off, because oneDNN's LSTM costs milliseconds per call at small batches;
+  3. max real-time streams, streams per core, batching gain and roofline fraction vs the targets;
+  4. int8 dynamic quantization: step ms and speed-up vs fp32, and token agreement on real speech.
 
-Random weights, two adjustments, both so that greedy decoding behaves like a real model's:
-  - every weight matrix is multiplied by `--weight-gain` (default 4): with PyTorch's default init
-    a random LSTM stack's output hardly depends on its input, so the joint makes the same decision
-    for every stream and frame (all blank, or all tokens up to max-symbols);
-  - the blank logit's bias is raised so that ~`--emit-rate` tokens are emitted per stream per frame
-    (default 0.2, about 3 tokens/s, speech-like), calibrated on random features; a random model
-    with a plain +4 on blank emits nothing at all, which would skip the decoder's emission rounds.
-The emission rate actually measured is reported with every timing.
+The weights are random, so three things make greedy decoding behave like a trained model's:
+  - the encoder's weight matrices are scaled by `--encoder-gain` (2) and the joint's by
+    `--joint-gain` (4): at PyTorch's default init the joint's decision hardly depends on the input,
+    so it is the same for every stream and frame (a plain +4 on the blank logit makes it emit
+    nothing at all, which would never run the decoder's emission rounds: prediction network, extra
+    joint calls). A larger encoder gain makes the random LSTMs chaotic, so that int8's rounding
+    grows through the layers (at 4, 37% error in base's encoder output instead of 2.4%);
+  - a random model does not stop emitting within a frame (its prediction network does not "use
+    up" a token as a trained one does): a frame that emits once mostly emits until max-symbols.
+    So decoding uses `--max-symbols` 2, which gives the round structure of real speech at its
+    rate (one joint over all streams, prediction network and a second joint over the few that
+    emitted), where 30 would run 30 rounds per frame;
+  - the blank logit's bias is bisected until the streams emit `--emit-rate` (0.2) tokens per
+    stream per frame, about 3.3 tokens/s as in speech.
+The emission rate measured during every timing is reported next to it. `--encoder-gain 1
+--joint-gain 1 --blank-bias 4 --max-symbols 30` gives the plain "+4 on blank" setup (no tokens).
 
-Run:  .venv/bin/python bench/core_throughput.py            (full sweep, ~10 min on 2 cores)
+FLOPs are counted from the config (2 per multiply-accumulate; biases and element-wise work left
+out): per stream the pre-RNN for its 2 feature vectors, the post-RNN for 1, the encoder's joint
+projection, the prediction network (+ projection) once per emitted token but at least once (the
+bare-math floor), and the joint output layer once per emission round (1 + tokens).
+
+Run:  .venv/bin/python bench/core_throughput.py            (full sweep, ~5 min on 2 cores)
       .venv/bin/python bench/core_throughput.py --quick    (smoke run, ~1 min)
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,6 +60,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from gharial.asr.config import FRAME_MS, ModelConfig, load_model_config
+from gharial.asr.decoding.base import Token
 from gharial.asr.decoding.greedy import GreedyDecoder
 from gharial.asr.features import FeatureExtractor, MelStats
 from gharial.asr.model import RNNT, count_parameters
@@ -54,48 +71,40 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "core_throughput.jso
 DEFAULT_MANIFEST = Path("/work/shared/data/speech-dev/manifest.json")
 CONFIGS = ["small", "testing", "base"]
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-INT8_BATCHES = [1, 16, 64, 256]
+INT8_BATCHES = [1, 16, 64, 128, 256]
 SQUARES = [1024, 1536, 2048]
 TARGET_BATCHING_GAIN = 10.0  # base: streams per core at the largest real-time batch vs batch 1
-TARGET_ROOFLINE_FRACTION = 0.6  # base: achieved GFLOP/s at that batch vs best sgemm
+TARGET_ROOFLINE_FRACTION = 0.6  # base: GFLOP/s achieved at that batch vs the sgemm roofline
 
 console = Console()
+if not console.is_terminal:
+    console.width = 150  # piped to a file: don't squeeze the tables into 80 columns
 
 
 def progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    return Progress(*columns, TimeElapsedColumn(), console=console, transient=True)
+
+
+def make_table(title: str, columns: str) -> Table:
+    """A table whose columns are named in one '|'-separated string, all right-aligned."""
+    table = Table(title=title)
+    for name in columns.split("|"):
+        table.add_column(name, justify="right")
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
 # timing
 
 
-def time_ms(fn: Callable[[int], object], warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of each of `repeats` calls after `warmup` untimed ones; fn gets the call index."""
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(warmup, warmup + repeats):
-        start = time.perf_counter()
-        fn(i)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
-
-
 def p90(xs: list[float]) -> float:
-    return sorted(xs)[min(len(xs) - 1, round(0.9 * (len(xs) - 1)))]
+    return sorted(xs)[round(0.9 * (len(xs) - 1))]
 
 
 def sustained_rate(work: Callable[[], object], units: float, seconds: float) -> float:
-    """Units per second of `work`, the median of 3 windows each at least `seconds` long (so a
-    one-off stall or turbo burst does not decide it)."""
+    """Units per second of `work`: the best of 3 windows of at least `seconds` each (sustained over
+    a window, and the best because other processes on a shared machine only ever slow it down)."""
     work()
     rates = []
     for _ in range(3):
@@ -104,16 +113,34 @@ def sustained_rate(work: Callable[[], object], units: float, seconds: float) -> 
             work()
             n += 1
         rates.append(n * units / elapsed)
-    return statistics.median(rates)
+    return max(rates)
+
+
+ONEDNN = (True, False)  # torch's default first, then with oneDNN (mkldnn) off
+
+
+def onednn_name(on: bool) -> str:
+    return "onednn_on" if on else "onednn_off"
+
+
+@contextmanager
+def onednn(enabled: bool) -> Iterator[None]:
+    """torch.backends.mkldnn on (torch's default) or off. With it on, nn.LSTM on CPU runs through
+    oneDNN, which costs milliseconds per call at small batches (bench/README.md); matmuls do not
+    depend on it. Its TF32 warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.backends.mkldnn.flags(enabled=enabled):
+            yield
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. roofline
 
 
-def lstm_gemm_shapes(batch: int) -> dict[str, tuple[int, int, int]]:
-    """(M, K, N) of the GEMMs that dominate the base model at this batch (nn.LSTM runs x·W_ihᵀ and
-    h·W_hhᵀ as separate GEMMs over 4·hidden gate columns)."""
+def model_gemm_shapes(batch: int) -> dict[str, tuple[int, int, int]]:
+    """(M, K, N) of the GEMMs that dominate `base` at this batch: nn.LSTM runs x·W_ihᵀ and h·W_hhᵀ
+    as separate GEMMs over the 4·hidden gate columns; the joint ends in a vocab-wide layer."""
     return {
         "lstm hh 1024→4096": (batch, 1024, 4096),
         "post ih 2048→4096": (batch, 2048, 4096),
@@ -126,47 +153,46 @@ def sgemm_gflops(m: int, k: int, n: int, seconds: float) -> float:
     return sustained_rate(lambda: torch.nn.functional.linear(a, w), 2 * m * k * n / 1e9, seconds)
 
 
-def copy_bandwidth_gbs(megabytes: int, seconds: float) -> float:
-    """Read + write GB/s of a large tensor copy: bounds how fast batch 1 can stream the weights."""
-    src = torch.randn(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    return sustained_rate(lambda: dst.copy_(src), 2 * src.numel() * 4 / 1e9, seconds)
+def read_bandwidth_gbs(megabytes: int, seconds: float) -> float:
+    """GB/s read by summing a tensor far larger than the caches: how fast a batch-1 step, which
+    uses each weight once, can stream the weights in."""
+    data = torch.randn(megabytes * 2**20 // 4)
+    return sustained_rate(lambda: data.sum(), data.numel() * 4 / 1e9, seconds)
 
 
 def measure_roofline(batches: list[int], squares: list[int], seconds: float) -> dict[str, Any]:
     shapes = [(f"square {s}", (s, s, s)) for s in squares]
-    shapes += [(f"B={b} {name}", mkn) for b in batches for name, mkn in lstm_gemm_shapes(b).items()]
+    shapes += [(f"B={b} {name}", mkn) for b in batches for name, mkn in model_gemm_shapes(b).items()]
     rows = []
     with progress() as bar:
-        task = bar.add_task("sgemm", total=len(shapes) + 1)
+        task = bar.add_task("sgemm", total=len(shapes))
         for name, (m, k, n) in shapes:
             rows.append({"name": name, "m": m, "k": k, "n": n, "gflops": sgemm_gflops(m, k, n, seconds)})
             bar.advance(task)
-        bandwidth = copy_bandwidth_gbs(256, seconds)
+        bandwidth = read_bandwidth_gbs(512, seconds)
     best = max(rows, key=lambda r: r["gflops"])
     return {
         "sgemm": rows,
         "roofline_gflops": best["gflops"],
         "roofline_shape": best["name"],
-        "copy_bandwidth_gbs": bandwidth,
+        "read_bandwidth_gbs": bandwidth,
     }
 
 
 def print_roofline(roofline: dict[str, Any], batches: list[int]) -> None:
-    rows = {r["name"]: r["gflops"] for r in roofline["sgemm"]}
-    table = Table(title=f"1. sgemm GFLOP/s ({torch.get_num_threads()} threads, float32, median of 3 windows)")
-    table.add_column("M (batch)", justify="right")
-    names = list(lstm_gemm_shapes(1))
-    for name in names:
-        table.add_column(name, justify="right")
-    for s in (r for r in roofline["sgemm"] if r["name"].startswith("square")):
-        table.add_row(s["name"], *[f"{s['gflops']:.0f}" if i == 0 else "" for i in range(len(names))])
+    gflops = {r["name"]: r["gflops"] for r in roofline["sgemm"]}
+    names = list(model_gemm_shapes(1))
+    table = make_table(
+        f"1. sgemm GFLOP/s, float32, {torch.get_num_threads()} threads, [B, K] x [K, N] (model shapes)",
+        "B|" + "|".join(names),
+    )
     for b in batches:
-        table.add_row(str(b), *[f"{rows[f'B={b} {name}']:.1f}" for name in names])
+        table.add_row(str(b), *[f"{gflops[f'B={b} {name}']:.1f}" for name in names])
     console.print(table)
+    squares = ", ".join(f"{r['name']}: {r['gflops']:.0f}" for r in roofline["sgemm"] if "square" in r["name"])
     console.print(
-        f"roofline = {roofline['roofline_gflops']:.0f} GFLOP/s ({roofline['roofline_shape']}); "
-        f"copy bandwidth {roofline['copy_bandwidth_gbs']:.1f} GB/s (read + write)"
+        f"{squares}\nroofline = {roofline['roofline_gflops']:.0f} GFLOP/s ({roofline['roofline_shape']}); "
+        f"memory read bandwidth {roofline['read_bandwidth_gbs']:.1f} GB/s"
     )
 
 
@@ -182,7 +208,7 @@ def lstm_macs(input_size: int, hidden: int, layers: int) -> int:
 @dataclass
 class Macs:
     """Per stream: the encoder for one 60 ms frame (+ its joint projection), one prediction-network
-    step (+ projection), and one joint output layer (one emission round)."""
+    step (+ its projection) and one joint output layer (one emission round)."""
 
     encoder: int
     predictor: int
@@ -200,57 +226,53 @@ class Macs:
         )
 
     def step_flops(self, emitted_per_stream: float) -> float:
-        """FLOPs of one stream's 60 ms step: the prediction network runs once per emitted token
-        (counted at least once, the bare-math floor), the joint once per emission round."""
+        """FLOPs of one stream's 60 ms step (see the module docstring)."""
         e = emitted_per_stream
         return 2.0 * (self.encoder + max(1.0, e) * self.predictor + (1.0 + e) * self.joint)
 
 
-def random_model(cfg: ModelConfig, seed: int, encoder_gain: float) -> RNNT:
-    """A random RNN-T whose encoder output depends on its input (see the module docstring)."""
+def random_model(cfg: ModelConfig, seed: int, encoder_gain: float, joint_gain: float) -> RNNT:
+    """A random RNN-T whose joint decisions depend on its input (see the module docstring)."""
     torch.manual_seed(seed)
     model = RNNT(cfg).eval()
     with torch.no_grad():
-        for name, p in model.encoder.named_parameters():
-            if name.startswith("weight"):
-                p.mul_(encoder_gain)
+        for module, gain in [(model.encoder, encoder_gain), (model.joint, joint_gain)]:
+            for name, p in module.named_parameters():
+                if "weight" in name:
+                    p.mul_(gain)
     return model
 
 
-def set_blank_bias(model: RNNT, bias: float) -> None:
-    """Add `bias` to the blank logit (on top of its random init bias, kept in model.init_blank_bias)."""
+def add_blank_bias(model: RNNT, bias: float) -> None:
     with torch.no_grad():
-        init = model.__dict__.setdefault("init_blank_bias", float(model.joint.out.bias[model.blank_id]))
-        model.joint.out.bias[model.blank_id] = init + bias
+        model.joint.out.bias[model.blank_id] += bias
 
 
-def calibrate_blank_bias(model: RNNT, emit_rate: float, max_symbols: int, seed: int) -> float:
-    """Bisect the blank bias until greedy steps over 32 random-feature streams emit `emit_rate`
-    tokens per stream per frame (emission falls as the bias rises)."""
-    low, high = -4.0, 12.0
-    for _ in range(12):
-        set_blank_bias(model, (low + high) / 2)
-        rate = time_recognizer(model, 32, 2, 8, max_symbols, seed + 1).emitted_per_stream
-        low, high = ((low + high) / 2, high) if rate > emit_rate else (low, (low + high) / 2)
-    bias = (low + high) / 2
-    set_blank_bias(model, bias)
-    return bias
+def bisect_blank_bias(model: RNNT, emit_rate: float, rate_of: Callable[[], float]) -> float:
+    """Find the bias to add to blank for which `rate_of()` (tokens per stream per frame, falling
+    as the bias rises) is `emit_rate`: 12 halvings of [-4, 12]. Leaves it added; returns it."""
+    with torch.no_grad():
+        out_bias, blank = model.joint.out.bias, model.blank_id
+        init, low, high = float(out_bias[blank]), -4.0, 12.0
+        for _ in range(12):
+            out_bias[blank] = init + (low + high) / 2
+            low, high = ((low + high) / 2, high) if rate_of() > emit_rate else (low, (low + high) / 2)
+        out_bias[blank] = init + (low + high) / 2
+    return (low + high) / 2
 
 
 def quantize_int8(model: RNNT) -> RNNT:
-    """Dynamic int8 quantization of every LSTM and Linear (weights int8, activations quantized per
-    call). torch 2.13 still has the eager API under torch.ao.quantization, with a deprecation
-    warning pointing at torchao. The encoder then has no float Parameter left, but
-    Encoder.initial_state takes its dtype from next(parameters()), so give it an empty one."""
+    """A copy with every LSTM and Linear dynamically quantized (int8 weights, activations quantized
+    per call). torch 2.13 still has this eager API in torch.ao.quantization (it warns that it is
+    deprecated in favour of torchao)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = torch.ao.quantization.quantize_dynamic(model, {nn.LSTM, nn.Linear}, dtype=torch.qint8)
-    quantized.encoder.register_parameter("float_anchor", nn.Parameter(torch.zeros(0), requires_grad=False))
     return quantized
 
 
 def weight_bytes(model: RNNT) -> int:
-    """Bytes a batch-1 step must read: every float weight except the embedding table."""
+    """Bytes a batch-1 step reads: every float weight except the embedding table."""
     return 4 * (count_parameters(model) - model.predictor.embed.weight.numel())
 
 
@@ -272,136 +294,187 @@ class StepTiming:
         return p90(self.times_ms)
 
 
-def time_recognizer(model: RNNT, batch: int, warmup: int, steps: int, seed: int) -> StepTiming:
-    """`Recognizer.step` over `batch` fresh greedy streams, one call per 60 ms frame."""
-    recognizer = Recognizer(model, GreedyDecoder(model))
-    streams = [recognizer.new_stream() for _ in range(batch)]
+def random_features(model: RNNT, steps: int, batch: int, seed: int) -> Tensor:
+    """[steps, batch, 2, F] standard-normal features, made before timing starts."""
     torch.manual_seed(seed)
-    features = torch.randn(
-        warmup + steps, batch, model.cfg.features_per_frame, model.cfg.features.feature_dim
-    )
-    pending = [0] * batch  # provisional tokens before the step, to count what each step emits
-    emitted = [0]
+    return torch.randn(steps, batch, model.cfg.features_per_frame, model.cfg.features.feature_dim)
 
-    def step(i: int) -> None:
+
+Stepper = Callable[[int], int]  # runs 60 ms frame i, returns the tokens emitted
+
+
+def recognizer_stepper(model: RNNT, batch: int, max_symbols: int, features: Tensor) -> Stepper:
+    """`Recognizer.step` over `batch` fresh greedy streams, one call per frame of `features`."""
+    recognizer = Recognizer(model, GreedyDecoder(model, max_symbols))
+    streams = [recognizer.new_stream() for _ in range(batch)]
+    pending = [0] * batch  # each stream's provisional tokens before the step
+
+    def step(i: int) -> int:
         results = recognizer.step(features[i], streams)
         new = sum(len(r.final or []) + len(r.provisional) - p for r, p in zip(results, pending, strict=True))
         pending[:] = [len(r.provisional) for r in results]
-        if i >= warmup:
-            emitted[0] += new
+        return new
 
-    times = time_ms(step, warmup, steps)
-    return StepTiming(times, emitted[0] / (batch * steps))
+    return step
 
 
-def time_model_math(model: RNNT, batch: int, warmup: int, steps: int, seed: int) -> list[float]:
-    """The bare math of one step on already-stacked state: encoder for one frame, one prediction
-    network step and one joint, for all `batch` rows at once."""
+def math_stepper(model: RNNT, batch: int, features: Tensor) -> Stepper:
+    """The bare math of one step on already-stacked state: the encoder for one frame, one
+    prediction-network step and one joint, for all `batch` rows at once."""
     enc_state, pred_state = model.encoder.initial_state(batch), model.predictor.initial_state(batch)
     tokens = torch.zeros(batch, 1, dtype=torch.long)
-    torch.manual_seed(seed)
-    features = torch.randn(
-        warmup + steps, batch, model.cfg.features_per_frame, model.cfg.features.feature_dim
-    )
 
     @torch.inference_mode()
-    def step(i: int) -> Tensor:
+    def step(i: int) -> int:
         out, _ = model.encoder(features[i], enc_state)
         pred, _ = model.predictor(tokens, pred_state)
-        return model.joint.combine(model.joint.enc_proj(out[:, 0]), model.joint.pred_proj(pred[:, 0]))
+        model.joint.combine(model.joint.enc_proj(out[:, 0]), model.joint.pred_proj(pred[:, 0]))
+        return 0
 
-    return time_ms(step, warmup, steps)
+    return step
 
 
-def sweep_config(
-    cfg: ModelConfig, model: RNNT, batches: list[int], args: dict[str, Any], roofline: dict[str, Any]
-) -> dict[str, Any]:
-    macs = Macs.of(cfg)
-    gemm_at = {r["m"]: r["gflops"] for r in roofline["sgemm"] if "lstm hh" in r["name"]}
-    rows, stopped_after = [], None
-    load_before = os.getloadavg()[0]
-    with progress() as bar:
-        task = bar.add_task(f"{cfg.name} sweep", total=len(batches))
-        for b in batches:
-            step = time_recognizer(model, b, args["warmup"], args["steps"], args["seed"])
-            math = time_model_math(model, b, args["warmup"], args["steps"], args["seed"])
-            gflop = b * macs.step_flops(step.emitted_per_stream) / 1e9
-            gflops = gflop / (step.median / 1000)
-            rows.append(
-                {
-                    "batch": b,
-                    "step_ms": step.median,
-                    "step_p90_ms": step.p90,
-                    "step_times_ms": step.times_ms,
-                    "model_math_ms": statistics.median(math),
-                    "model_math_p90_ms": p90(math),
-                    "overhead_ms": step.median - statistics.median(math),
-                    "emitted_per_stream_step": step.emitted_per_stream,
-                    "real_time": step.median <= FRAME_MS,
-                    "real_time_p90": step.p90 <= FRAME_MS,
-                    "capacity_streams": b * FRAME_MS / step.median,
-                    "gflop_per_step": gflop,
-                    "gflops": gflops,
-                    "roofline_fraction": gflops / roofline["roofline_gflops"],
-                    "model_math_gflops": b * macs.step_flops(0.0) / 1e9 / (statistics.median(math) / 1000),
-                    "gemm_gflops_at_batch": gemm_at.get(b),
-                }
-            )
-            bar.advance(task)
-            if step.median > args["stop_factor"] * FRAME_MS:
-                stopped_after = b
-                break
-    threads = torch.get_num_threads()
+def time_steppers(
+    steppers: dict[str, tuple[bool, Stepper]], batch: int, warmup: int, steps: int
+) -> dict[str, StepTiming]:
+    """Time step functions, each under its oneDNN setting, on one schedule: warm-up, then chunks
+    of 4 steps of each in turn, so that a slow spell on a shared machine hits them all alike."""
+    times: dict[str, list[float]] = {key: [] for key in steppers}
+    emitted = dict.fromkeys(steppers, 0)
+    for on, step in steppers.values():
+        with onednn(on):
+            for i in range(warmup):
+                step(i)
+    for start in range(warmup, warmup + steps, 4):
+        for key, (on, step) in steppers.items():
+            with onednn(on):
+                for i in range(start, min(start + 4, warmup + steps)):
+                    begin = time.perf_counter()
+                    emitted[key] += step(i)
+                    times[key].append((time.perf_counter() - begin) * 1000)
+    return {key: StepTiming(times[key], emitted[key] / (batch * steps)) for key in steppers}
+
+
+def time_recognizer(
+    model: RNNT, batch: int, warmup: int, steps: int, max_symbols: int, seed: int, onednn_on: bool = True
+) -> StepTiming:
+    features = random_features(model, warmup + steps, batch, seed)
+    stepper = recognizer_stepper(model, batch, max_symbols, features)
+    return time_steppers({"step": (onednn_on, stepper)}, batch, warmup, steps)["step"]
+
+
+def calibration_rate(model: RNNT, opts: dict[str, Any]) -> float:
+    """Tokens per stream per frame over a timing-like run: 64 fresh streams, warm-up and timed
+    steps (oneDNN off only because it is faster; the tokens are the same)."""
+    run = time_recognizer(
+        model, 64, opts["warmup"], opts["steps"], opts["max_symbols"], opts["seed"] + 1, False
+    )
+    return run.emitted_per_stream
+
+
+def measure_batch(
+    model: RNNT, batch: int, opts: dict[str, Any], roofline: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Rows of the sweep at this batch, oneDNN on and off: Recognizer.step and bare math timed
+    together, and what follows from them."""
+    warmup, steps = opts["warmup"], opts["steps"]
+    features = random_features(model, warmup + steps, batch, opts["seed"])
+    steppers = {}
+    for on in ONEDNN:
+        steppers[f"step {on}"] = (on, recognizer_stepper(model, batch, opts["max_symbols"], features))
+        steppers[f"math {on}"] = (on, math_stepper(model, batch, features))
+    timings = time_steppers(steppers, batch, warmup, steps)
+    macs, rows = Macs.of(model.cfg), []
+    for on in ONEDNN:
+        step, math = timings[f"step {on}"], timings[f"math {on}"].median
+        gflop = batch * macs.step_flops(step.emitted_per_stream) / 1e9
+        gflops = gflop / (step.median / 1000)
+        rows.append(
+            {
+                "batch": batch,
+                "onednn": on,
+                "step_ms": step.median,
+                "step_p90_ms": step.p90,
+                "step_times_ms": step.times_ms,
+                "model_math_ms": math,
+                "overhead_ms": step.median - math,
+                "emitted_per_stream_step": step.emitted_per_stream,
+                "real_time": step.median <= FRAME_MS,
+                "real_time_p90": step.p90 <= FRAME_MS,
+                "capacity_streams": batch * FRAME_MS / step.median,
+                "gflop_per_step": gflop,
+                "gflops": gflops,
+                "roofline_fraction": gflops / roofline["roofline_gflops"],
+                "model_math_gflops": batch * macs.step_flops(0.0) / 1e9 / (math / 1000),
+            }
+        )
+    return rows
+
+
+def real_time_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Max real-time streams (largest B whose median step ≤ 60 ms), batching gain over B=1 (which
+    sustains 1 stream if its step fits, else the fraction 60 / step ms) and roofline share there."""
     fitting = [r for r in rows if r["real_time"]]
     best = max(fitting, key=lambda r: r["batch"]) if fitting else None
     one = next((r for r in rows if r["batch"] == 1), None)
     batch1_streams = min(1.0, FRAME_MS / one["step_ms"]) if one else None
     max_rts = best["batch"] if best else 0
     return {
+        "max_rts": max_rts,
+        "streams_per_core": max_rts / torch.get_num_threads(),
+        "batch1_streams": batch1_streams,
+        "batching_gain": max_rts / batch1_streams if batch1_streams and max_rts else None,
+        "step_ms_at_max_rts": best["step_ms"] if best else None,
+        "gflops_at_max_rts": best["gflops"] if best else None,
+        "roofline_fraction_at_max_rts": best["roofline_fraction"] if best else None,
+        "best_capacity_streams": max(r["capacity_streams"] for r in rows),
+    }
+
+
+def sweep_config(
+    cfg: ModelConfig, model: RNNT, batches: list[int], opts: dict[str, Any], roofline: dict[str, Any]
+) -> dict[str, Any]:
+    """Time every batch size, oneDNN on and off, until both steps exceed stop_factor x 60 ms."""
+    rows: list[dict[str, Any]] = []
+    stopped_after, load_before = None, os.getloadavg()[0]
+    with progress() as bar:
+        task = bar.add_task(f"{cfg.name} sweep", total=len(batches))
+        for b in batches:
+            rows += measure_batch(model, b, opts, roofline)
+            bar.advance(task)
+            if min(r["step_ms"] for r in rows[-len(ONEDNN) :]) > opts["stop_factor"] * FRAME_MS:
+                stopped_after = b
+                break
+    return {
         "config": cfg.name,
         "parameters": count_parameters(model),
         "weight_bytes": weight_bytes(model),
-        "batch1_bandwidth_floor_ms": weight_bytes(model) / (roofline["copy_bandwidth_gbs"] / 2 * 1e9) * 1000,
-        "macs_per_stream": asdict(macs),
+        "batch1_bandwidth_floor_ms": weight_bytes(model) / (roofline["read_bandwidth_gbs"] * 1e9) * 1000,
+        "macs_per_stream": asdict(Macs.of(cfg)),
         "rows": rows,
         "stopped_after_batch": stopped_after,
-        "max_rts": max_rts,
-        "streams_per_core": max_rts / threads,
-        "batch1_streams": batch1_streams,
-        "batching_gain": max_rts / batch1_streams if batch1_streams and max_rts else None,
-        "roofline_fraction_at_max_rts": best["roofline_fraction"] if best else None,
-        "gflops_at_max_rts": best["gflops"] if best else None,
-        "best_capacity_streams": max(r["capacity_streams"] for r in rows),
+        "summary": {
+            onednn_name(on): real_time_summary([r for r in rows if r["onednn"] == on]) for on in ONEDNN
+        },
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg()[0],
     }
 
 
-def print_sweep(result: dict[str, Any]) -> None:
-    table = Table(
-        title=f"2. {result['config']}: Recognizer.step (greedy) vs bare model math, ms per 60 ms step "
-        f"({result['parameters'] / 1e6:.1f} M params; batch-1 bandwidth floor "
-        f"{result['batch1_bandwidth_floor_ms']:.1f} ms)"
+def print_sweep(result: dict[str, Any], roofline: dict[str, Any]) -> None:
+    gemm_at = {r["m"]: r["gflops"] for r in roofline["sgemm"] if "lstm hh" in r["name"]}
+    table = make_table(
+        f"2. {result['config']} ({result['parameters'] / 1e6:.1f} M params, blank bias "
+        f"{result['blank_bias']:+.2f}): ms per Recognizer.step (greedy) vs bare model math; "
+        f"batch-1 weight-streaming floor {result['batch1_bandwidth_floor_ms']:.1f} ms",
+        "B|oneDNN|step ms|p90 ms|math ms|overhead|tok/stream|≤60ms|capacity|"
+        "GFLOP/step|GFLOP/s|roofline|sgemm@B",
     )
-    for col in [
-        "B",
-        "step ms",
-        "p90",
-        "math ms",
-        "overhead",
-        "tok/str/step",
-        "RT",
-        "capacity",
-        "GFLOP/step",
-        "GFLOP/s",
-        "roofline",
-        "gemm@B",
-    ]:
-        table.add_column(col, justify="right")
     for r in result["rows"]:
-        gemm = r["gemm_gflops_at_batch"]
+        gemm = gemm_at.get(r["batch"])
         table.add_row(
-            str(r["batch"]),
+            str(r["batch"]) if r["onednn"] else "",
+            "on" if r["onednn"] else "off",
             f"{r['step_ms']:.2f}",
             f"{r['step_p90_ms']:.2f}",
             f"{r['model_math_ms']:.2f}",
@@ -409,15 +482,16 @@ def print_sweep(result: dict[str, Any]) -> None:
             f"{r['emitted_per_stream_step']:.2f}",
             "yes" if r["real_time"] else "no",
             f"{r['capacity_streams']:.1f}",
-            f"{r['gflop_per_step']:.2f}",
+            f"{r['gflop_per_step']:.3f}",
             f"{r['gflops']:.1f}",
             f"{r['roofline_fraction']:.1%}",
-            f"{gemm:.0f}" if gemm else "-",
+            f"{gemm:.0f}" if gemm and r["onednn"] else "",
+            end_section=not r["onednn"],
         )
     console.print(table)
     if result["stopped_after_batch"] is not None:
         console.print(
-            f"stopped after B={result['stopped_after_batch']}: step exceeded the stop factor x 60 ms"
+            f"stopped after B={result['stopped_after_batch']}: its step exceeded stop-factor x 60 ms"
         )
 
 
@@ -426,55 +500,48 @@ def print_sweep(result: dict[str, Any]) -> None:
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
-    threads = torch.get_num_threads()
-    table = Table(title=f"3. real-time streams (step median ≤ {FRAME_MS} ms) on {threads} threads")
-    for col in [
-        "config",
-        "max RTS",
-        "streams/core",
-        "B=1 streams",
-        "batching gain",
-        "GFLOP/s @max",
-        "roofline @max",
-        "best capacity",
-    ]:
-        table.add_column(col, justify="right")
+    table = make_table(
+        f"3. real-time streams (median step ≤ {FRAME_MS} ms) on {torch.get_num_threads()} threads",
+        "config|oneDNN|max RTS|step ms|streams/core|B=1 streams|batching gain|GFLOP/s|roofline|best capacity",
+    )
     for r in results:
-        gain, frac = r["batching_gain"], r["roofline_fraction_at_max_rts"]
-        table.add_row(
-            r["config"],
-            str(r["max_rts"]),
-            f"{r['streams_per_core']:.1f}",
-            f"{r['batch1_streams'] or 0:.2f}",
-            f"{gain:.1f}x" if gain else "-",
-            f"{r['gflops_at_max_rts'] or 0:.1f}",
-            f"{frac:.1%}" if frac else "-",
-            f"{r['best_capacity_streams']:.1f}",
-        )
+        for on in ONEDNN:
+            v = r["summary"][onednn_name(on)]
+            gain, frac, step = v["batching_gain"], v["roofline_fraction_at_max_rts"], v["step_ms_at_max_rts"]
+            table.add_row(
+                r["config"] if on else "",
+                "on" if on else "off",
+                str(v["max_rts"]),
+                f"{step:.1f}" if step else "-",
+                f"{v['streams_per_core']:.1f}",
+                f"{v['batch1_streams'] or 0:.2f}",
+                f"{gain:.1f}x" if gain else "-",
+                f"{v['gflops_at_max_rts'] or 0:.1f}",
+                f"{frac:.1%}" if frac else "-",
+                f"{v['best_capacity_streams']:.1f}",
+                end_section=not on,
+            )
     console.print(table)
     console.print(
-        "capacity = B x 60 / step ms: streams' worth of audio per second at that batch, ignoring latency"
+        "GFLOP/s and roofline at max RTS; capacity = B x 60 / step ms (streams' worth of audio per second "
+        "at that B, latency aside)"
     )
     base = next((r for r in results if r["config"] == "base"), None)
+    if base is None:
+        return {}
     targets: dict[str, Any] = {}
-    if base is not None:
-        gain, frac = base["batching_gain"], base["roofline_fraction_at_max_rts"]
-        targets = {
-            "batching_gain_base": {
-                "target": TARGET_BATCHING_GAIN,
-                "value": gain,
-                "met": gain is not None and gain >= TARGET_BATCHING_GAIN,
-            },
-            "roofline_fraction_base": {
-                "target": TARGET_ROOFLINE_FRACTION,
-                "value": frac,
-                "met": frac is not None and frac >= TARGET_ROOFLINE_FRACTION,
-            },
-        }
-        for name, t in targets.items():
-            value = "n/a (no batch fits in 60 ms)" if t["value"] is None else f"{t['value']:.3g}"
-            verdict = "[green]MET[/]" if t["met"] else "[red]NOT MET[/]"
-            console.print(f"target {name} ≥ {t['target']}: {value} → {verdict}")
+    for on in ONEDNN:
+        v = base["summary"][onednn_name(on)]
+        for name, key, target in [
+            ("batching_gain_base", "batching_gain", TARGET_BATCHING_GAIN),
+            ("roofline_fraction_base", "roofline_fraction_at_max_rts", TARGET_ROOFLINE_FRACTION),
+        ]:
+            value = v[key]
+            met = value is not None and value >= target
+            targets[f"{name}_{onednn_name(on)}"] = {"target": target, "value": value, "met": met}
+            shown = "n/a (no batch fits in 60 ms)" if value is None else f"{value:.3g}"
+            verdict = "[green]MET[/]" if met else "[red]NOT MET[/]"
+            console.print(f"target {name} ≥ {target} (oneDNN {'on' if on else 'off'}): {shown} → {verdict}")
     return targets
 
 
@@ -493,7 +560,7 @@ def edit_distance(a: list[int], b: list[int]) -> int:
 
 def speech_features(cfg: ModelConfig, manifest: Path, count: int) -> list[Tensor]:
     """Features of the manifest's first `count` utterances, normalised with mel stats of those same
-    utterances (as a trained model's stats would), so they look like what a real model sees."""
+    utterances (as a trained model's stats would be), so that they look like what a model sees."""
     entries = json.loads(manifest.read_text())[:count]
     audio = [load_audio(manifest.parent / e["files"][0]["fname"], cfg.features.sample_rate) for e in entries]
     raw = FeatureExtractor(cfg.features)
@@ -502,82 +569,151 @@ def speech_features(cfg: ModelConfig, manifest: Path, count: int) -> list[Tensor
     return [extractor(a) for a in audio]
 
 
-def int8_config(cfg: ModelConfig, model: RNNT, batches: list[int], args: dict[str, Any]) -> dict[str, Any]:
+@torch.inference_mode()
+def decode_speech(model: RNNT, speech: list[Tensor], max_symbols: int) -> list[list[int]]:
+    """Greedy token ids of each utterance, decoded together as streams with Recognizer.step (the
+    same tokens as transcribe, but one weight pass per frame for all utterances, not one each)."""
+    recognizer = Recognizer(model, GreedyDecoder(model, max_symbols))
+    streams = [recognizer.new_stream() for _ in speech]
+    frames = [f.reshape(-1, model.cfg.features_per_frame, f.shape[-1]) for f in speech]
+    tokens: list[list[Token]] = [[] for _ in speech]
+    for t in range(max(len(f) for f in frames)):
+        live = [i for i, f in enumerate(frames) if t < len(f)]
+        results = recognizer.step(torch.stack([frames[i][t] for i in live]), [streams[i] for i in live])
+        for i, result in zip(live, results, strict=True):
+            tokens[i] += result.final or []
+    return [[t.id for t in tokens[i] + recognizer.finish(stream)] for i, stream in enumerate(streams)]
+
+
+@torch.inference_mode()
+def frame_agreement(model: RNNT, quantized: RNNT, speech: list[Tensor]) -> tuple[float, float | None]:
+    """(relative L2 error of int8's projected encoder output, agreement of the first joint decision
+    in each frame, from the start-of-sequence prediction state, over the frames where either model
+    emits a token). Both leave out the error propagation of whole transcripts: one flipped
+    decision changes the prediction network's state and with it everything after it."""
+    batch = torch.nn.utils.rnn.pad_sequence(speech, batch_first=True)
+    lengths = torch.tensor([len(f) // model.cfg.features_per_frame for f in speech])
+    sos = torch.full((1, 1), model.blank_id)
+    projected, decisions = [], []
+    for m in (model, quantized):
+        enc = m.joint.enc_proj(m.encoder(batch)[0])
+        enc = enc[torch.arange(enc.shape[1]) < lengths[:, None]]  # real frames only, [frames, hidden]
+        projected.append(enc)
+        decisions.append(m.joint.combine(enc, m.joint.pred_proj(m.predictor(sos)[0][0])).argmax(-1))
+    error = float((projected[0] - projected[1]).norm() / projected[0].norm())
+    emitting = (decisions[0] != model.blank_id) | (decisions[1] != model.blank_id)
+    agreement = float((decisions[0] == decisions[1])[emitting].float().mean()) if emitting.any() else None
+    return error, agreement
+
+
+def int8_config(cfg: ModelConfig, model: RNNT, batches: list[int], opts: dict[str, Any]) -> dict[str, Any]:
+    """fp32 vs int8 step times at a few batch sizes, then agreement on speech. Speech makes these
+    random models emit far more than random features do, so the agreement runs on a copy whose
+    blank bias is bisected again for the same emission rate on speech (fp32); int8 is made from it."""
     quantized = quantize_int8(model)
+    warmup, steps, seed, max_symbols = opts["warmup"], opts["steps"], opts["seed"], opts["max_symbols"]
     rows = []
     with progress() as bar:
         task = bar.add_task(f"{cfg.name} int8", total=len(batches) + 1)
         for b in batches:
-            fp32 = time_recognizer(model, b, args["warmup"], args["steps"], args["seed"])
-            int8 = time_recognizer(quantized, b, args["warmup"], args["steps"], args["seed"])
+            features = random_features(model, warmup + steps, b, seed)
+            timings = time_steppers(
+                {
+                    "fp32": (True, recognizer_stepper(model, b, max_symbols, features)),
+                    "fp32 off": (False, recognizer_stepper(model, b, max_symbols, features)),
+                    "int8": (True, recognizer_stepper(quantized, b, max_symbols, features)),
+                },
+                b,
+                warmup,
+                steps,
+            )
+            fp32, fp32_off, int8 = timings["fp32"], timings["fp32 off"], timings["int8"]
             rows.append(
                 {
                     "batch": b,
                     "fp32_ms": fp32.median,
+                    "fp32_onednn_off_ms": fp32_off.median,
                     "int8_ms": int8.median,
                     "fp32_p90_ms": fp32.p90,
+                    "fp32_onednn_off_p90_ms": fp32_off.p90,
                     "int8_p90_ms": int8.p90,
                     "speedup": fp32.median / int8.median,
+                    "speedup_vs_onednn_off": fp32_off.median / int8.median,
+                    "fp32_tokens_per_stream": fp32.emitted_per_stream,
+                    "int8_tokens_per_stream": int8.emitted_per_stream,
                 }
             )
             bar.advance(task)
-            if fp32.median > args["stop_factor"] * FRAME_MS and int8.median > args["stop_factor"] * FRAME_MS:
+            if int8.median > opts["stop_factor"] * FRAME_MS:
                 break
-        errors = total = exact = emitted_int8 = frames = 0
-        for features in speech_features(cfg, args["manifest"], args["utterances"]):
-            ref = [t.id for t in Recognizer(model, GreedyDecoder(model)).transcribe(features)]
-            hyp = [t.id for t in Recognizer(quantized, GreedyDecoder(quantized)).transcribe(features)]
-            errors, total, exact = errors + edit_distance(ref, hyp), total + len(ref), exact + (ref == hyp)
-            emitted_int8, frames = (
-                emitted_int8 + len(hyp),
-                frames + features.shape[0] // cfg.features_per_frame,
+        speech = speech_features(cfg, opts["manifest"], opts["utterances"])
+        frames = sum(f.shape[0] // cfg.features_per_frame for f in speech)
+        speech_model = copy.deepcopy(model)
+        with onednn(False):  # faster, and fp32 either way
+            speech_bias = bisect_blank_bias(
+                speech_model,
+                opts["emit_rate"],
+                lambda: sum(map(len, decode_speech(speech_model, speech, max_symbols))) / frames,
             )
+            speech_quantized = quantize_int8(speech_model)
+            ref = decode_speech(speech_model, speech, max_symbols)
+            hyp = decode_speech(speech_quantized, speech, max_symbols)
+            enc_error, decision_agreement = frame_agreement(speech_model, speech_quantized, speech)
         bar.advance(task)
+    errors = sum(edit_distance(r, h) for r, h in zip(ref, hyp, strict=True))
+    longer = sum(max(len(r), len(h)) for r, h in zip(ref, hyp, strict=True))
     return {
         "config": cfg.name,
         "rows": rows,
-        "utterances": args["utterances"],
+        "utterances": len(speech),
         "speech_frames": frames,
-        "fp32_tokens": total,
-        "int8_tokens": emitted_int8,
+        "speech_blank_bias": speech_bias,
+        "fp32_tokens": sum(map(len, ref)),
+        "int8_tokens": sum(map(len, hyp)),
         "token_edit_distance": errors,
-        "token_agreement": 1 - errors / total if total else None,
-        "identical_utterances": exact,
+        "token_agreement": 1 - errors / longer if longer else None,
+        "identical_utterances": sum(r == h for r, h in zip(ref, hyp, strict=True)),
+        "int8_max_rts": max((r["batch"] for r in rows if r["int8_ms"] <= FRAME_MS), default=0),
+        "encoder_relative_error": enc_error,
+        "first_decision_agreement": decision_agreement,
     }
 
 
 def print_int8(results: list[dict[str, Any]]) -> None:
-    table = Table(
-        title="4. int8 dynamic quantization (LSTM + Linear): Recognizer.step ms and speech agreement"
+    table = make_table(
+        "4. int8 dynamic quantization (LSTM + Linear) vs fp32: Recognizer.step ms; agreement on speech",
+        "config|B|fp32 ms|fp32 ms, oneDNN off|int8 ms|speed-up|speed-up vs off|token agreement|"
+        "fp32/int8 tokens|identical utts|frame decisions|enc rel err",
     )
-    for col in [
-        "config",
-        "B",
-        "fp32 ms",
-        "int8 ms",
-        "speed-up",
-        "agreement",
-        "fp32/int8 tokens",
-        "identical",
-    ]:
-        table.add_column(col, justify="right")
     for r in results:
+        agreement = "-" if r["token_agreement"] is None else f"{r['token_agreement']:.1%}"
+        summary = [
+            agreement,
+            f"{r['fp32_tokens']}/{r['int8_tokens']}",
+            f"{r['identical_utterances']}/{r['utterances']}",
+            "-" if r["first_decision_agreement"] is None else f"{r['first_decision_agreement']:.1%}",
+            f"{r['encoder_relative_error']:.2%}",
+        ]
         for i, row in enumerate(r["rows"]):
-            agreement = "-" if r["token_agreement"] is None else f"{r['token_agreement']:.1%}"
             first = i == 0
             table.add_row(
                 r["config"] if first else "",
                 str(row["batch"]),
                 f"{row['fp32_ms']:.2f}",
+                f"{row['fp32_onednn_off_ms']:.2f}",
                 f"{row['int8_ms']:.2f}",
                 f"{row['speedup']:.2f}x",
-                agreement if first else "",
-                f"{r['fp32_tokens']}/{r['int8_tokens']}" if first else "",
-                f"{r['identical_utterances']}/{r['utterances']}" if first else "",
+                f"{row['speedup_vs_onednn_off']:.2f}x",
+                *(summary if first else []),
+                end_section=i == len(r["rows"]) - 1,
             )
     console.print(table)
+    fitting = ", ".join(f"{r['config']} {r['int8_max_rts']}" for r in results)
+    console.print(f"int8: largest measured B with a median step ≤ {FRAME_MS} ms: {fitting}")
     console.print(
-        "agreement = 1 − token edit distance / fp32 tokens, greedy offline transcripts, same weights"
+        "token agreement = 1 − Σ edit distance / Σ longer transcript's length; greedy, same weights,\n"
+        "blank bias bisected on speech; frame decisions = same first joint decision per frame (from the\n"
+        "start state; frames where either emits), no error propagation; enc rel err = ‖int8 − fp32‖ / ‖fp32‖"
     )
 
 
@@ -585,17 +721,9 @@ def print_int8(results: list[dict[str, Any]]) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in cpuinfo.read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            cpu,
-        )
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
@@ -610,94 +738,115 @@ def machine_info() -> dict[str, Any]:
 
 def main(
     configs: Annotated[
-        list[str], typer.Option("--config", help="model config to sweep (repeatable)")
+        list[str], typer.Option("--config", help="model config to sweep; repeat for several")
     ] = CONFIGS,
-    batches: Annotated[list[int], typer.Option("--batch", help="batch size to sweep (repeatable)")] = BATCHES,
-    steps: Annotated[int, typer.Option(help="timed 60 ms steps per measurement (median/p90 over them)")] = 12,
+    batches: Annotated[
+        list[int], typer.Option("--batch", help="batch size to sweep; repeat for several")
+    ] = BATCHES,
+    steps: Annotated[
+        int, typer.Option(help="timed 60 ms steps per measurement (median and p90 over them)")
+    ] = 12,
     warmup: Annotated[int, typer.Option(help="untimed steps before each measurement")] = 3,
     stop_factor: Annotated[
-        float, typer.Option(help="stop growing B for a config once its step exceeds this x 60 ms")
+        float, typer.Option(help="stop growing B for a config once its median step exceeds this x 60 ms")
     ] = 4.0,
-    weight_gain: Annotated[
-        float, typer.Option(help="multiply random weight matrices by this, so outputs depend on inputs")
-    ] = 4.0,
+    encoder_gain: Annotated[
+        float, typer.Option(help="scale the random encoder weights (decisions then depend on the input)")
+    ] = 2.0,
+    joint_gain: Annotated[float, typer.Option(help="scale the random joint weights (likewise)")] = 4.0,
+    max_symbols: Annotated[
+        int, typer.Option(help="greedy decoder's max tokens per frame (see module doc)")
+    ] = 2,
     emit_rate: Annotated[
-        float, typer.Option(help="calibrate the blank bias for ~this many tokens per stream per frame")
+        float, typer.Option(help="bisect the blank bias to emit this many tokens per stream per frame")
     ] = 0.2,
     blank_bias: Annotated[
-        float | None, typer.Option(help="add this fixed bias to blank instead of calibrating to --emit-rate")
+        float | None, typer.Option(help="add this fixed bias to blank instead of bisecting for --emit-rate")
     ] = None,
     int8_batches: Annotated[
-        list[int], typer.Option("--int8-batch", help="batch size for the int8 vs fp32 timing (repeatable)")
+        list[int],
+        typer.Option("--int8-batch", help="batch size for the int8 vs fp32 timing; repeat for several"),
     ] = INT8_BATCHES,
-    utterances: Annotated[int, typer.Option(help="speech utterances for the int8 token agreement")] = 8,
+    utterances: Annotated[int, typer.Option(help="speech utterances for the int8 token agreement")] = 16,
     manifest: Annotated[
-        Path, typer.Option(help="speech manifest (files[0].fname relative to it)")
+        Path, typer.Option(help="speech manifest (JSON list; files[0].fname relative to it)")
     ] = DEFAULT_MANIFEST,
     gemm_seconds: Annotated[
-        float, typer.Option(help="seconds per sgemm timing window (3 windows each)")
+        float, typer.Option(help="seconds per sgemm timing window (best of 3 windows)")
     ] = 0.25,
-    squares: Annotated[list[int], typer.Option("--square", help="square sgemm size (repeatable)")] = SQUARES,
+    squares: Annotated[
+        list[int], typer.Option("--square", help="square sgemm size; repeat for several")
+    ] = SQUARES,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's own choice)")] = None,
     seed: Annotated[int, typer.Option(help="seed for weights and features")] = 0,
     quick: Annotated[
-        bool, typer.Option(help="smoke run (~1 min): B in 1/8/64, fewer steps, 2 utterances, short sgemm")
+        bool, typer.Option(help="smoke run (~1 min): B 1/8/64, 4 steps, 2 utterances, short sgemm")
     ] = False,
     out: Annotated[Path, typer.Option(help="JSON results file")] = DEFAULT_OUT,
 ) -> None:
-    """Measure real-time streams per CPU core for the batched streaming RNN-T step (see module doc)."""
+    """Real-time streams per CPU core for the batched streaming RNN-T step (see the module docstring)."""
     if threads:
         torch.set_num_threads(threads)
     if quick:
         batches = [b for b in batches if b in (1, 8, 64)] or [1, 8, 64]
         int8_batches, steps, warmup, utterances, gemm_seconds, squares = [1, 64], 4, 1, 2, 0.1, [1024]
-    args = {
+    opts = {
         "steps": steps,
         "warmup": warmup,
         "stop_factor": stop_factor,
+        "max_symbols": max_symbols,
         "seed": seed,
         "utterances": utterances,
         "manifest": manifest,
+        "emit_rate": emit_rate,
     }
     machine = machine_info()
     console.print(
         f"[bold]core throughput[/] on {machine['cpu']} ({machine['cpu_count']} CPUs), "
-        f"torch {machine['torch']} with {machine['torch_threads']} threads, "
+        f"torch {machine['torch']} on {machine['torch_threads']} threads, "
         f"load average {machine['loadavg_start']:.2f}"
     )
     if machine["loadavg_start"] > 0.5:
-        console.print("[yellow]warning: the machine is not idle; timings will be pessimistic[/]")
+        console.print(
+            "[yellow]warning: the machine is busy (load average > 0.5); timings will be pessimistic[/]"
+        )
     started = time.perf_counter()
 
     roofline = measure_roofline(batches, squares, gemm_seconds)
     print_roofline(roofline, batches)
 
-    sweeps, int8 = [], []
-    models: dict[str, tuple[ModelConfig, RNNT, float]] = {}
+    sweeps, models = [], []
     for name in configs:
         cfg = load_model_config(name)
-        model = random_model(cfg, seed, weight_gain)
-        bias = blank_bias if blank_bias is not None else calibrate_blank_bias(model, emit_rate, seed)
-        add_blank_bias(model, bias)
-        models[name] = (cfg, model, bias)
-        sweeps.append(sweep_config(cfg, model, batches, args, roofline) | {"blank_bias": bias})
-        print_sweep(sweeps[-1])
+        model = random_model(cfg, seed, encoder_gain, joint_gain)
+        if blank_bias is None:
+            with console.status(
+                f"{name}: bisecting the blank bias for {emit_rate} tokens per stream per frame"
+            ):
+                bias = bisect_blank_bias(model, emit_rate, lambda m=model: calibration_rate(m, opts))
+        else:
+            bias = blank_bias
+            add_blank_bias(model, bias)
+        models.append((cfg, model))
+        sweeps.append(sweep_config(cfg, model, batches, opts, roofline) | {"blank_bias": bias})
+        print_sweep(sweeps[-1], roofline)
     targets = summarise(sweeps)
 
-    for cfg, model, _ in models.values():
-        int8.append(int8_config(cfg, model, int8_batches, args))
+    int8 = [int8_config(cfg, model, int8_batches, opts) for cfg, model in models]
     print_int8(int8)
 
     report = {
         "machine": machine | {"loadavg_end": os.getloadavg()[0]},
-        "settings": args
+        "settings": opts
         | {
             "manifest": str(manifest),
-            "weight_gain": weight_gain,
-            "emit_rate": emit_rate,
-            "blank_bias": blank_bias,
+            "configs": configs,
             "batches": batches,
             "int8_batches": int8_batches,
+            "encoder_gain": encoder_gain,
+            "joint_gain": joint_gain,
+            "emit_rate": emit_rate,
+            "blank_bias": blank_bias,
             "quick": quick,
             "frame_ms": FRAME_MS,
         },

@@ -44,6 +44,10 @@ class LSTMState(NamedTuple):
     def cat(states: list[LSTMState]) -> LSTMState:
         return LSTMState(torch.cat([s.h for s in states], 1), torch.cat([s.c for s in states], 1))
 
+    def split(self) -> list[LSTMState]:
+        """One state per batch row (views, [layers, 1, hidden] each): the inverse of cat."""
+        return [LSTMState(h, c) for h, c in zip(self.h.split(1, 1), self.c.split(1, 1), strict=True)]
+
 
 class EncoderState(NamedTuple):
     pre: LSTMState
@@ -56,6 +60,11 @@ class EncoderState(NamedTuple):
     def cat(states: list[EncoderState]) -> EncoderState:
         return EncoderState(LSTMState.cat([s.pre for s in states]), LSTMState.cat([s.post for s in states]))
 
+    def split(self) -> list[EncoderState]:
+        return [
+            EncoderState(pre, post) for pre, post in zip(self.pre.split(), self.post.split(), strict=True)
+        ]
+
 
 def stack_time(x: Tensor, factor: int) -> Tensor:
     """[B, T, D] → [B, T/factor, factor·D]: concatenate each run of `factor` frames (T divisible)."""
@@ -66,6 +75,8 @@ def stack_time(x: Tensor, factor: int) -> Tensor:
 
 
 class Encoder(nn.Module):
+    state_like: Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         enc = cfg.encoder
@@ -74,9 +85,12 @@ class Encoder(nn.Module):
         self.post_rnn = nn.LSTM(
             enc.stack_time * enc.hidden, enc.hidden, enc.post_rnn_layers, batch_first=True
         )
+        # Where initial states take their dtype and device from; a buffer, because int8 dynamic
+        # quantization leaves the encoder without float parameters. Not saved in checkpoints.
+        self.register_buffer("state_like", torch.zeros(0), persistent=False)
 
     def initial_state(self, batch: int) -> EncoderState:
-        like = next(self.parameters())
+        like = self.state_like
         return EncoderState(
             LSTMState.zeros(self.pre_rnn.num_layers, batch, self.pre_rnn.hidden_size, like),
             LSTMState.zeros(self.post_rnn.num_layers, batch, self.post_rnn.hidden_size, like),

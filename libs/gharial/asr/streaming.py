@@ -128,8 +128,8 @@ class Recognizer(Generic[S]):
         rows = torch.tensor([b for b, s in enumerate(streams) for _ in s.contexts()])
         with fast_cpu_lstm():
             out, state = self.model.encoder(features[rows], EncoderState.cat([c.encoder for c in contexts]))
-        for i, context in enumerate(contexts):
-            context.encoder = state.select(torch.tensor([i]))
+        for context, own in zip(contexts, state.split(), strict=True):
+            context.encoder = own
         return self._decode(streams, contexts, self.model.joint.enc_proj(out[:, 0]))
 
     @torch.inference_mode()

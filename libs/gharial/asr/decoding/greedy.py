@@ -55,9 +55,8 @@ class GreedyDecoder:
             projected, new_pred = predict_projected(self.model, best, pred.select(active))
             pred_projected[active] = projected
             pred = pred.put(active, new_pred)
-        for row, state in enumerate(states):
-            state.pred = pred.select(torch.tensor([row]))
-            state.pred_projected = pred_projected[row]
+        for state, own, projected_row in zip(states, pred.split(), pred_projected, strict=True):
+            state.pred, state.pred_projected = own, projected_row
 
     def best(self, state: GreedyState) -> list[Token]:
         return list(state.tokens)
