@@ -21,7 +21,8 @@ end of stream.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -36,11 +37,18 @@ from gharial.asr.model import RNNT, EncoderState
 S = TypeVar("S")
 
 
-def fast_cpu_lstm() -> AbstractContextManager[None]:
+@contextmanager
+def fast_cpu_lstm() -> Iterator[None]:
     """oneDNN (mkldnn), torch's default CPU path for nn.LSTM, costs milliseconds per call at the
     small batches and 1-2 timesteps of a streaming step (base at batch 1: 35 ms a step with it,
-    17 ms without; same numbers to 1e-7; bench/core_throughput.py measures both)."""
-    return torch.backends.mkldnn.flags(enabled=False)
+    17 ms without; same numbers to 1e-7; bench/core_throughput.py measures both). Only the
+    enabled flag is touched: torch's own flags() also resets TF32 and warns on every call."""
+    previous = bool(torch.backends.mkldnn.enabled)
+    torch.backends.mkldnn.set_flags(_enabled=False, _fp32_precision=None)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.set_flags(_enabled=previous, _fp32_precision=None)
 
 
 class StreamingConfig(BaseModel):
