@@ -148,10 +148,9 @@ class Recognizer(Generic[S]):
         tokens: list[Token] = []
         for t in range(features.shape[0] // self.frames_per_step):
             self._apply_state_resets(stream)
-            first = self._segment_of(t)
-            encoded = torch.stack(
-                [segments[first + i][1][t - segments[first + i][0]] for i in range(len(stream.contexts()))]
-            )
+            # the main context runs segment t // segment_frames; a shadow, if any, the next one
+            active = segments[self._segment_of(t) :][: len(stream.contexts())]
+            encoded = torch.stack([output[t - start] for start, output in active])
             (result,) = self._decode([stream], stream.contexts(), encoded)
             tokens += result.final or []
         return tokens + self.finish(stream)
