@@ -79,3 +79,52 @@ def test_transcribe_errors_are_clear(
     out = gharial("transcribe", *make_args(tmp_path, wav, checkpoint))
     assert out.returncode == 2
     assert message in out.stderr.lower()
+
+
+WORDS_ARPA = """\\data\\
+ngram 1=7
+ngram 2=2
+
+\\1-grams:
+-1.0\t</s>
+-99\t<s>\t-0.3
+-2.0\t<unk>
+-0.8\tthe\t-0.3
+-1.2\tquick\t-0.3
+-1.2\tbrown
+-1.0\tfox
+
+\\2-grams:
+-0.2\t<s> the
+-0.3\tthe quick
+
+\\end\\
+"""
+
+
+def test_transcribe_with_the_checkpoints_ngram_lm(
+    tiny_config: ModelConfig, tiny_tokenizer_bytes: bytes, wav: Path, tmp_path: Path
+) -> None:
+    """A checkpoint that carries an n-gram LM decodes with it under beam search."""
+    path = tmp_path / "with_lm.hwckpt"
+    model = emitting_model(acoustic_gain=400)
+    stats = MelStats.identity(tiny_config.features.n_mels)
+    HardwareCheckpoint.from_model(model, stats, tiny_tokenizer_bytes, ngram_lm=WORDS_ARPA.encode()).save(path)
+    with_lm = SpeechToText.load(path, beam_width=3)
+    assert with_lm.recognizer.decoder.lm is not None  # type: ignore[attr-defined]
+    out = gharial("transcribe", wav, "--checkpoint", path, "--beam", 3, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["tokens"] == with_lm.transcribe(load_audio(wav)).tokens
+
+
+def test_unreadable_embedded_lm_is_a_clear_error(
+    tiny_config: ModelConfig, tiny_tokenizer_bytes: bytes, wav: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "bad_lm.hwckpt"
+    stats = MelStats.identity(tiny_config.features.n_mels)
+    HardwareCheckpoint.from_model(emitting_model(), stats, tiny_tokenizer_bytes, ngram_lm=b"not an lm").save(
+        path
+    )
+    out = gharial("transcribe", wav, "--checkpoint", path, "--beam", 2)
+    assert out.returncode == 2
+    assert "embedded n-gram LM (9 bytes) cannot be read" in out.stderr

@@ -48,7 +48,11 @@ class NgramLM:
         with tempfile.TemporaryDirectory(prefix="gharial-lm-") as tmp:
             path = Path(tmp) / "lm"
             path.write_bytes(data)
-            return cls(path, load_method=kenlm.LoadMethod.READ)
+            try:
+                return cls(path, load_method=kenlm.LoadMethod.READ)
+            except ValueError as e:  # name the bytes, not the throwaway file
+                reason = str(e.__cause__ or e).replace(str(path), "<lm>")
+                raise ValueError(f"embedded n-gram LM ({len(data)} bytes) cannot be read: {reason}") from e
 
     @property
     def order(self) -> int:
