@@ -53,9 +53,6 @@ class EncoderState(NamedTuple):
     pre: LSTMState
     post: LSTMState
 
-    def select(self, rows: Tensor) -> EncoderState:
-        return EncoderState(self.pre.select(rows), self.post.select(rows))
-
     @staticmethod
     def cat(states: list[EncoderState]) -> EncoderState:
         return EncoderState(LSTMState.cat([s.pre for s in states]), LSTMState.cat([s.post for s in states]))

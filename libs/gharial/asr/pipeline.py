@@ -16,7 +16,7 @@ from gharial.asr.decoding.greedy import GreedyDecoder
 from gharial.asr.decoding.lm import NgramLM
 from gharial.asr.features import FeatureExtractor
 from gharial.asr.streaming import Recognizer, StreamingConfig
-from gharial.asr.tokenizer import Tokenizer
+from gharial.asr.tokenizer import WORD_START, Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUNDLED_CHECKPOINT = REPO_ROOT / "models" / "default.hwckpt"
@@ -39,7 +39,7 @@ def bundled_checkpoint() -> Path:
 def tokens_to_text(tokenizer: Tokenizer, tokens: list[Token]) -> str:
     """Pieces joined with '▁' as the word separator; a leading space is kept, so the texts of
     consecutive token runs concatenate into the text of the whole run."""
-    return "".join(tokenizer.piece(t.id) for t in tokens).replace("▁", " ")
+    return "".join(tokenizer.piece(t.id) for t in tokens).replace(WORD_START, " ")
 
 
 class SpeechToText:
@@ -54,7 +54,7 @@ class SpeechToText:
         self.model = checkpoint.build_model()
         self.features = FeatureExtractor(checkpoint.meta.config.features, checkpoint.meta.mel_stats)
         self.tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_model)
-        pieces = [self.tokenizer.piece(i) for i in range(self.tokenizer.vocab_size)]
+        pieces = self.tokenizer.id_to_piece
         decoder: Decoder[Any]
         if beam_width > 1 or beam is not None:
             lm = NgramLM.from_bytes(checkpoint.ngram_lm) if checkpoint.ngram_lm else None

@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import kenlm
 
-WORD_START = "\u2581"  # sentencepiece's "▁": this piece begins a word
+from gharial.asr.tokenizer import WORD_START
+
 LN_10 = math.log(10.0)
 
 
