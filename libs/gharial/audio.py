@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -28,10 +31,7 @@ def resample(audio: Tensor, source_rate: int, target_rate: int, zero_crossings: 
     input, with the cutoff at 95% of the lower Nyquist so downsampling does not alias."""
     if source_rate == target_rate:
         return audio
-    g = math.gcd(source_rate, target_rate)
-    up, down = target_rate // g, source_rate // g
-    cutoff = min(1.0, up / down) * 0.95  # fraction of the input Nyquist
-    reach = math.ceil(zero_crossings / cutoff)  # input samples each side of an output sample
+    up, down, reach, weights = _polyphase_filter(source_rate, target_rate, zero_crossings)
     x = torch.nn.functional.pad(audio.double(), (reach, reach + 1))
     n_out = len(audio) * up // down
     offsets = torch.arange(-reach + 1, reach + 1, dtype=torch.int64)
@@ -39,19 +39,35 @@ def resample(audio: Tensor, source_rate: int, target_rate: int, zero_crossings: 
     for start in range(0, n_out, 16000):  # blocks bound the [outputs, taps] matrices
         n = torch.arange(start, min(start + 16000, n_out), dtype=torch.int64)
         k = (n * down // up).unsqueeze(1) + offsets  # contributing input samples
-        distance = (n.unsqueeze(1) * down - k * up).double() / up  # in input samples
-        window = torch.special.i0(
-            8.6 * torch.sqrt(torch.clamp(1 - (distance * cutoff / zero_crossings) ** 2, 0))
-        )
-        weights = cutoff * torch.sinc(cutoff * distance) * window / torch.special.i0(torch.tensor(8.6))
-        pieces.append((x[k + reach] * weights).sum(1))
+        pieces.append((x[k + reach] * weights[(n * down) % up]).sum(1))
     return torch.cat(pieces).float() if pieces else audio.new_zeros(0)
 
 
-def load_audio(path: str | Path, sample_rate: int = 16000) -> Tensor:
-    """A WAV/FLAC/OGG file as mono float32 at `sample_rate` (channels averaged, resampled if needed)."""
+@functools.lru_cache(maxsize=64)
+def _polyphase_filter(
+    source_rate: int, target_rate: int, zero_crossings: int
+) -> tuple[int, int, int, Tensor]:
+    """(up, down, reach, weights [up, taps]): output n uses phase (n·down) mod up, because its
+    distance to input sample k depends only on that phase."""
+    g = math.gcd(source_rate, target_rate)
+    up, down = target_rate // g, source_rate // g
+    cutoff = min(1.0, up / down) * 0.95  # fraction of the input Nyquist
+    reach = math.ceil(zero_crossings / cutoff)  # input samples each side of an output sample
+    offsets = torch.arange(-reach + 1, reach + 1, dtype=torch.int64)
+    phase = torch.arange(up, dtype=torch.int64).unsqueeze(1)
+    distance = (phase - offsets * up).double() / up  # in input samples
+    window = torch.special.i0(8.6 * torch.sqrt(torch.clamp(1 - (distance * cutoff / zero_crossings) ** 2, 0)))
+    weights = cutoff * torch.sinc(cutoff * distance) * window / torch.special.i0(torch.tensor(8.6))
+    return up, down, reach, weights
+
+
+def load_audio(path: str | Path | BinaryIO, sample_rate: int = 16000) -> Tensor:
+    """A WAV/FLAC/OGG file (path or open binary file) as mono float32 at `sample_rate` (channels
+    averaged, resampled if needed)."""
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        data, rate = soundfile.read(
+            path if isinstance(path, io.IOBase) else str(path), dtype="float32", always_2d=True
+        )
     except (RuntimeError, soundfile.LibsndfileError) as err:
         raise ValueError(f"cannot read audio file {path}: {err}") from err
     mono = torch.from_numpy(data.mean(axis=1))

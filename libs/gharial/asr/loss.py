@@ -48,6 +48,7 @@ def rnnt_loss(
     target_lengths: Tensor,
     blank_id: int,
     reduction: Literal["mean", "sum", "none"] = "mean",
+    delay_penalty: float = 0.0,
 ) -> Tensor:
     """Negative log-likelihood -log P(y | x) of each utterance under the RNN-T lattice.
 
@@ -56,6 +57,9 @@ def rnnt_loss(
     Valid targets must lie in [0, V] and differ from blank_id.
     reduction: "none" → [B]; "sum" → scalar; "mean" → scalar mean over utterances (not over tokens or
     frames), like torchaudio's default.
+    delay_penalty λ > 0 (training only; Kang et al. 2022, as in k2): every token emission at frame t
+    scores λ·((T_b − 1)/2 − t) extra, so paths that emit early are preferred; the value returned is
+    then no longer the pure -log P(y | x).
     """
     b, _, u1, v1 = logits.shape
     if targets.shape != (b, u1 - 1):
@@ -64,7 +68,7 @@ def rnnt_loss(
         raise ValueError(f"lengths must have shape ({b},)")
     if not 0 <= blank_id < v1:
         raise ValueError(f"blank_id {blank_id} outside the {v1} classes")
-    losses = _RNNTLoss.apply(logits, targets, logit_lengths, target_lengths, blank_id)
+    losses = _RNNTLoss.apply(logits, targets, logit_lengths, target_lengths, blank_id, delay_penalty)
     if reduction == "none":
         return losses
     if reduction == "sum":
@@ -83,6 +87,7 @@ class _RNNTLoss(torch.autograd.Function):
         logit_lengths: Tensor,
         target_lengths: Tensor,
         blank_id: int,
+        delay_penalty: float,
     ) -> Tensor:
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         b, t, u1, _ = logits.shape
@@ -99,6 +104,9 @@ class _RNNTLoss(torch.autograd.Function):
         log_z = torch.logsumexp(logits.to(acc), dim=-1)  # [B, T, U+1]
         blank = logits[..., blank_id].to(acc) - log_z
         emit = logits.gather(-1, tokens[:, None, :, None].expand(b, t, u1, 1)).squeeze(-1).to(acc) - log_z
+        if delay_penalty:
+            centre = (t_len[:, None, None] - 1) / 2
+            emit = emit + delay_penalty * (centre - t_idx[None, :, None]).to(acc)
         blank = blank.masked_fill(~valid, NEG_INF)
         emit = emit.masked_fill(~(valid & has_next[:, None, :]), NEG_INF)
 
@@ -128,7 +136,7 @@ class _RNNTLoss(torch.autograd.Function):
         grad[..., ctx.blank_id] -= blank_edge
         grad.scatter_add_(-1, tokens[:, None, :, None].expand(b, t, u1, 1), -emit_edge[..., None])
         grad.mul_(grad_out.to(grad.dtype)[:, None, None, None])
-        return grad.to(logits.dtype), None, None, None, None
+        return grad.to(logits.dtype), None, None, None, None, None
 
 
 @torch.no_grad()

@@ -129,6 +129,15 @@ class Tokenizer:
         """Normalise then tokenize, so raw transcripts and normalised ones give the same ids."""
         return list(self._sp.encode(normalize_transcript(text), out_type=int))
 
+    def encode_sampled(self, text: str, alpha: float) -> list[int]:
+        """Like `encode`, but one segmentation sampled from all of them (subword regularisation;
+        smaller `alpha` samples more uniformly). Seed with `sentencepiece.set_random_generator_seed`."""
+        return list(
+            self._sp.encode(
+                normalize_transcript(text), out_type=int, enable_sampling=True, alpha=alpha, nbest_size=-1
+            )
+        )
+
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
         for i in ids:

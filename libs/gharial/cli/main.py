@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from gharial.cli import model, transcribe
+from gharial.cli import data, model, train, transcribe
 
 app = typer.Typer(
     name="gharial",
@@ -13,8 +13,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(data.app, name="data")
 app.add_typer(model.app, name="model")
 app.command("transcribe")(transcribe.transcribe)
+app.command("train")(train.train)
+app.command("export")(train.export)
 
 if __name__ == "__main__":
     app()

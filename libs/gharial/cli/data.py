@@ -1,0 +1,144 @@
+"""`gharial data ...`: preparing training data (synthetic speech, transcripts, tokenizer, mel stats)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from gharial.data.manifest import Utterance
+
+app = typer.Typer(
+    help="Prepare training data: synthetic corpus, transcripts, tokenizer, mel stats.", no_args_is_help=True
+)
+
+
+@app.command()
+def synth(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="output folder (audio/, manifest.json, heldout.json)")
+    ],
+    sentences: Annotated[
+        int, typer.Option(min=1, help="utterances rendered with the training voices")
+    ] = 8000,
+    heldout_sentences: Annotated[
+        int, typer.Option(min=0, help="utterances rendered with the held-out voices (other sentences)")
+    ] = 400,
+    held_out: Annotated[
+        list[str] | None,
+        typer.Option(help="voice families kept out of training, e.g. espeak:en-029 (repeat the flag)"),
+    ] = None,
+    exclude_manifest: Annotated[
+        list[Path] | None,
+        typer.Option(help="never render a sentence of this manifest (repeat; e.g. the validation set)"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="one seed decides sentences, voices and augmentation")] = 0,
+    workers: Annotated[int, typer.Option(min=1, help="rendering processes")] = 2,
+) -> None:
+    """Render English sentences (Debian fortunes) with every installed TTS voice, augmented."""
+    from gharial.data.manifest import read_json_manifest
+    from gharial.data.synth import DEFAULT_HELD_OUT, build_corpus
+
+    exclude = [u.transcript for m in exclude_manifest or [] for u in read_json_manifest(m)]
+    try:
+        train, heldout = build_corpus(
+            out, sentences, heldout_sentences, seed=seed, held_out=held_out or DEFAULT_HELD_OUT,
+            exclude=exclude, workers=workers,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"wrote {train} and {heldout}")
+
+
+@app.command()
+def normalize(
+    manifest: Annotated[Path, typer.Argument(help="data to read (JSON manifest or any supported format)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON manifest to write, beside the audio")],
+) -> None:
+    """Write a manifest whose transcripts are normalised (lower-case a–z, apostrophe, spelled-out numbers)."""
+    from gharial.asr.text import normalize_transcript
+    from gharial.data.manifest import write_json_manifest
+    from gharial.data.readers import read_utterances
+
+    utterances = _read(manifest, read_utterances)
+    normalised = [u.model_copy(update={"transcript": normalize_transcript(u.transcript)}) for u in utterances]
+    write_json_manifest(out, normalised)
+    typer.echo(f"wrote {len(normalised)} utterances to {out}")
+
+
+@app.command()
+def tokenizer(
+    manifests: Annotated[list[Path], typer.Argument(help="manifests whose transcripts train the tokenizer")],
+    vocab_size: Annotated[int, typer.Option(min=29, help="pieces (1023 testing, 8703 base, 17407 large)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="sentencepiece model file to write (.model)")],
+    model_type: Annotated[str, typer.Option(help="sentencepiece algorithm: unigram or bpe")] = "unigram",
+) -> None:
+    """Train a sentencepiece tokenizer on normalised transcripts (deterministic: same text, same bytes)."""
+    from gharial.asr.tokenizer import train_tokenizer
+    from gharial.data.readers import read_utterances
+
+    texts = [u.transcript for m in manifests for u in _read(m, read_utterances)]
+    try:
+        written = train_tokenizer(texts, vocab_size, out.with_suffix(""), model_type=model_type)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"wrote {written} ({vocab_size} pieces from {len(texts)} transcripts)")
+
+
+@app.command("mel-stats")
+def mel_stats(
+    manifests: Annotated[list[Path], typer.Argument(help="training data to measure")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write ({mean: [...], var: [...]})")],
+    config: Annotated[str, typer.Option(help="model config (named or YAML) whose front end to use")] = "base",
+    n_utterances_only: Annotated[
+        int | None, typer.Option(min=1, help="measure a random sample of this many utterances")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the random sample")] = 0,
+) -> None:
+    """Per-mel-bin mean and variance of log-mel features over training data (for normalisation)."""
+    import random
+
+    import torch
+    from tqdm import tqdm
+
+    from gharial.asr.config import load_model_config
+    from gharial.asr.features import FeatureExtractor, MelStats
+    from gharial.data.readers import read_utterances
+
+    torch.set_num_threads(1)
+    utterances = [u for m in manifests for u in _read(m, read_utterances)]
+    if n_utterances_only is not None and n_utterances_only < len(utterances):
+        utterances = random.Random(seed).sample(utterances, n_utterances_only)
+    features = load_model_config(config).features
+    extractor = FeatureExtractor(features)
+    total = torch.zeros(features.n_mels, dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    frames = 0
+    for utt in tqdm(utterances, desc="mel stats"):
+        try:
+            log_mels = extractor.raw_log_mels(utt.load_audio(features.sample_rate)).double()
+        except ValueError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from err
+        total += log_mels.sum(0)
+        total_sq += log_mels.pow(2).sum(0)
+        frames += len(log_mels)
+    mean = total / frames
+    var = (total_sq / frames - mean.pow(2)).clamp_min(1e-8)
+    out.write_text(MelStats(mean=mean.tolist(), var=var.tolist()).model_dump_json(indent=1) + "\n")
+    typer.echo(f"wrote {out} ({frames} frames from {len(utterances)} utterances)")
+
+
+def _read(path: Path, reader: Callable[[Path], list[Utterance]]) -> list[Utterance]:
+    from gharial.data.manifest import ManifestError
+
+    try:
+        return reader(path)
+    except ManifestError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err

@@ -1,0 +1,1 @@
+"""Training and validation data: manifests and other formats, augmentation, synthetic speech."""

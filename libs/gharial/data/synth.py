@@ -1,0 +1,218 @@
+"""Synthetic training speech: English sentences rendered by every offline TTS voice we can install.
+
+Real multi-speaker speech is the scarcest thing Gharial has, so `gharial data synth` renders a
+large, varied text (the Debian `fortunes` packages, BSD-licensed) with the TTS engines found on
+the machine (Debian `espeak-ng` with its accents and voice variants, `flite` with its voices),
+varying rate and pitch, and then makes few voices sound like many: a warp of the whole spectrum
+(formants, pitch and tempo together, like vocal-tract-length perturbation), simulated room
+reverberation, background noise and narrowband (8 kHz) channels.
+
+Some voices never reach training: they form the held-out synthetic test set (`heldout.json`).
+Everything is driven by one seed, so the same command makes the same corpus.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile
+import torch
+
+from gharial.asr.text import normalize_transcript
+from gharial.audio import load_audio
+from gharial.data.augment import change_speed, coloured_noise, mix_at_snr, narrowband, room_reverb
+from gharial.data.manifest import Utterance, write_json_manifest
+
+FORTUNE_DIR = Path("/usr/share/games/fortunes")
+SAMPLE_RATE = 16000
+
+ESPEAK_ACCENTS = (
+    "en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-us-nyc",
+    "en-029",
+)  # fmt: skip
+ESPEAK_VARIANTS = (
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2", "klatt3",
+    "Andy", "Annie", "Denis", "Ed", "Gene", "Lee", "Linda", "Michael", "Mike", "Paul", "Rob", "Steph",
+    "Zac", "grandma", "grandpa", "shelby", "travis", "victor",
+)  # fmt: skip
+FLITE_VOICES = ("kal16", "awb", "rms", "slt")
+# Held out of training entirely: one espeak accent (all its variants) and one flite voice.
+DEFAULT_HELD_OUT = ("espeak:en-029", "flite:rms")
+
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
+_ALLOWED_RE = re.compile(r"^[A-Za-z][A-Za-z ,.;:'!?-]*$")
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One TTS voice: `engine` is "espeak" or "flite"; `name` the voice (espeak: accent+variant)."""
+
+    engine: str
+    name: str
+
+    @property
+    def family(self) -> str:
+        """What held-out lists name: the espeak accent or the flite voice."""
+        return f"{self.engine}:{self.name.split('+')[0]}"
+
+    def __str__(self) -> str:
+        return f"{self.engine}:{self.name}"
+
+
+def available_voices() -> list[Voice]:
+    """Every voice of the TTS engines installed on this machine."""
+    voices = []
+    if shutil.which("espeak-ng"):
+        voices += [Voice("espeak", f"{a}+{v}") for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS]
+    if shutil.which("flite"):
+        voices += [Voice("flite", v) for v in FLITE_VOICES]
+    return voices
+
+
+def fortune_sentences(directory: Path = FORTUNE_DIR) -> list[str]:
+    """Plain English sentences from the fortune files, 4–24 words, deduplicated, in a fixed order."""
+    files = sorted(p for p in directory.glob("*") if p.is_file() and p.suffix == "" and "off" not in p.parts)
+    if not files:
+        raise FileNotFoundError(f"no fortune files in {directory} (Debian packages fortunes, fortunes-min)")
+    seen: set[str] = set()
+    sentences = []
+    for path in files:
+        for cookie in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            lines = [ln.strip() for ln in cookie.splitlines() if not ln.strip().startswith("--")]
+            for sentence in _SENTENCE_END_RE.split(" ".join(lines)):
+                sentence = sentence.strip().strip("\"'")
+                if not _ALLOWED_RE.match(sentence) or not 4 <= len(sentence.split()) <= 24:
+                    continue
+                key = normalize_transcript(sentence)
+                if key not in seen:
+                    seen.add(key)
+                    sentences.append(sentence)
+    return sentences
+
+
+def render(voice: Voice, text: str, rate: float, pitch: float) -> torch.Tensor:
+    """Speak `text` with `voice` at relative `rate` and `pitch` (1.0 = the voice's own) → 16 kHz audio."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "tts.wav"
+        if voice.engine == "espeak":
+            cmd = ["espeak-ng", "-v", voice.name, "-s", str(round(175 * rate)), "-p", str(round(50 * pitch))]
+            cmd += ["-w", str(wav), text]
+        elif voice.engine == "flite":
+            cmd = ["flite", "-voice", voice.name, "--setf", f"duration_stretch={1 / rate:.3f}"]
+            cmd += ["--setf", f"int_f0_target_mean={round(110 * pitch)}", "-t", text, "-o", str(wav)]
+        else:
+            raise ValueError(f"unknown TTS engine {voice.engine!r}")
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        return load_audio(wav, SAMPLE_RATE)
+
+
+def make_speaker(voice: Voice, rng: random.Random) -> dict[str, float]:
+    """Random speaker settings for one utterance (rate, pitch, warp, room, noise, channel)."""
+    return {
+        "rate": rng.uniform(0.8, 1.25),
+        "pitch": rng.uniform(0.7, 1.4),
+        "warp": round(rng.uniform(0.88, 1.12), 2),  # rounded: resampling filters are cached
+        "rt60": rng.uniform(0.15, 0.7) if rng.random() < 0.3 else 0.0,
+        "snr_db": rng.uniform(10.0, 35.0) if rng.random() < 0.25 else math.inf,
+        "narrowband": float(rng.random() < 0.1),
+    }
+
+
+def synthesize(voice: Voice, text: str, speaker: dict[str, float], rng: random.Random) -> torch.Tensor:
+    """Render and augment one utterance."""
+    audio = render(voice, text, speaker["rate"], speaker["pitch"])
+    audio = change_speed(audio, speaker["warp"])
+    if speaker["rt60"] > 0:
+        audio = room_reverb(audio, speaker["rt60"], rng)
+    if math.isfinite(speaker["snr_db"]):
+        audio = mix_at_snr(audio, coloured_noise(len(audio), rng), speaker["snr_db"])
+    if speaker["narrowband"]:
+        audio = narrowband(audio)
+    peak = float(audio.abs().max()) + 1e-9
+    return audio * (rng.uniform(0.2, 0.9) / peak)
+
+
+def plan_corpus(
+    sentences: list[str],
+    voices: list[Voice],
+    n_train: int,
+    n_heldout: int,
+    held_out: Iterable[str],
+    seed: int,
+) -> Iterator[tuple[str, Voice, str, bool]]:
+    """(id, voice, sentence, is_heldout) for each utterance: training voices get `n_train` sentences,
+    held-out voices `n_heldout` other ones, so no held-out sentence is ever heard in training either."""
+    held = set(held_out)
+    unknown = held - {v.family for v in voices}
+    if unknown:
+        raise ValueError(f"held-out voices not installed: {sorted(unknown)}")
+    train_voices = [v for v in voices if v.family not in held]
+    test_voices = [v for v in voices if v.family in held]
+    if n_train + n_heldout > len(sentences):
+        raise ValueError(f"asked for {n_train + n_heldout} sentences, the text source has {len(sentences)}")
+    rng = random.Random(seed)
+    order = rng.sample(range(len(sentences)), n_train + n_heldout)
+    for i, s in enumerate(order[:n_train]):
+        yield f"synth_{i:06d}", rng.choice(train_voices), sentences[s], False
+    for i, s in enumerate(order[n_train:]):
+        yield f"synth_heldout_{i:05d}", test_voices[i % len(test_voices)], sentences[s], True
+
+
+def build_corpus(
+    out_dir: Path,
+    n_train: int,
+    n_heldout: int,
+    seed: int = 0,
+    held_out: Iterable[str] = DEFAULT_HELD_OUT,
+    exclude: Iterable[str] = (),
+    workers: int = 2,
+    progress: bool = True,
+) -> tuple[Path, Path]:
+    """Write `out_dir/audio/*.flac`, `manifest.json` (training voices) and `heldout.json`.
+
+    `exclude`: transcripts that must never be rendered (e.g. every validation sentence).
+    """
+    from tqdm import tqdm
+
+    excluded = {normalize_transcript(t) for t in exclude}
+    sentences = [s for s in fortune_sentences() if normalize_transcript(s) not in excluded]
+    voices = available_voices()
+    if not voices:
+        raise RuntimeError("no TTS engine found: install Debian packages espeak-ng and/or flite")
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    plan = [
+        (out_dir, seed, *item) for item in plan_corpus(sentences, voices, n_train, n_heldout, held_out, seed)
+    ]
+    train: list[Utterance] = []
+    heldout: list[Utterance] = []
+    with multiprocessing.get_context("spawn").Pool(
+        workers, initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        done = pool.imap(_render_one, plan, chunksize=8)
+        for (*_, is_heldout), utt in zip(
+            plan, tqdm(done, total=len(plan), desc="synthesizing", disable=not progress), strict=False
+        ):
+            (heldout if is_heldout else train).append(utt)
+    write_json_manifest(out_dir / "manifest.json", train)
+    write_json_manifest(out_dir / "heldout.json", heldout)
+    return out_dir / "manifest.json", out_dir / "heldout.json"
+
+
+def _render_one(job: tuple[Path, int, str, Voice, str, bool]) -> Utterance:
+    out_dir, seed, utt_id, voice, text, _ = job
+    rng = random.Random(f"{seed}/{utt_id}")
+    audio = synthesize(voice, text, make_speaker(voice, rng), rng)
+    path = out_dir / "audio" / f"{utt_id}.flac"
+    soundfile.write(str(path), audio.numpy(), SAMPLE_RATE, subtype="PCM_16")
+    return Utterance(
+        id=utt_id, audio=path, transcript=text, duration=len(audio) / SAMPLE_RATE, speaker=str(voice)
+    )

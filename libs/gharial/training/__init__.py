@@ -1,0 +1,1 @@
+"""Training LSTM RNN-T models: config, data order, augmentation, the training loop, export."""

@@ -1,0 +1,116 @@
+"""Turning utterances into a training batch: audio augmentation, features, SpecAugment, targets.
+
+Everything random here draws from a generator seeded by (seed, batch position), so the batch at a
+given position is the same whether the run started there or resumed there.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from torch import Tensor
+
+from gharial.asr.features import FeatureExtractor
+from gharial.asr.tokenizer import Tokenizer
+from gharial.audio import load_audio
+from gharial.data.augment import change_speed, coloured_noise, mix_at_snr, narrowband, snr_range, spec_augment
+from gharial.data.manifest import Utterance
+from gharial.training.config import AugmentConfig
+
+BACKGROUND_FINAL_SNR = (0.0, 30.0)  # dB, the documented final ranges
+BABBLE_FINAL_SNR = (15.0, 30.0)
+TOKEN_SAMPLING_ALPHA = 0.1  # sentencepiece subword-regularisation smoothing
+
+
+@dataclass
+class Batch:
+    """features [B, T, F] (T a multiple of 2), feature_lengths [B], targets [B, U], target_lengths [B]."""
+
+    features: Tensor
+    feature_lengths: Tensor
+    targets: Tensor
+    target_lengths: Tensor
+    audio_seconds: float
+
+
+class BatchMaker:
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        tokenizer: Tokenizer,
+        augment: AugmentConfig,
+        noise_files: list[Path] | None = None,
+    ) -> None:
+        self.extractor = extractor
+        self.tokenizer = tokenizer
+        self.augment = augment
+        self.noise_files = noise_files or []
+        self.sample_rate = extractor.cfg.sample_rate
+
+    def __call__(self, utterances: list[Utterance], step: int, seed: int, train: bool = True) -> Batch:
+        rng = random.Random(f"{seed}/batch/{step}/{utterances[0].id}")
+        audios = [u.load_audio(self.sample_rate) for u in utterances]
+        if train:
+            audios = self.augment_audio(audios, step, rng)
+        features = []
+        for audio in audios:
+            f = self.extractor(audio, dither=self.extractor.cfg.dither if train else 0.0)
+            if train:
+                a = self.augment
+                f = spec_augment(
+                    f, self.extractor.cfg.n_mels, a.spec_freq_masks, a.spec_max_freq,
+                    a.spec_time_masks, a.spec_max_time, rng,
+                )  # fmt: skip
+            features.append(f)
+        targets = [self.encode(u.transcript, rng if train else None) for u in utterances]
+        return Batch(
+            features=torch.nn.utils.rnn.pad_sequence(features, batch_first=True),
+            feature_lengths=torch.tensor([len(f) for f in features]),
+            targets=torch.nn.utils.rnn.pad_sequence(
+                [torch.tensor(t, dtype=torch.long) for t in targets], batch_first=True
+            ),
+            target_lengths=torch.tensor([len(t) for t in targets]),
+            audio_seconds=sum(len(a) for a in audios) / self.sample_rate,
+        )
+
+    def encode(self, transcript: str, rng: random.Random | None) -> list[int]:
+        """Token ids; with `rng`, a fraction `token_sampling` of transcripts is tokenized by sampling
+        among sentencepiece segmentations instead of the most probable one."""
+        if rng is not None and rng.random() < self.augment.token_sampling:
+            spm.set_random_generator_seed(rng.getrandbits(31))
+            return self.tokenizer.encode_sampled(transcript, alpha=TOKEN_SAMPLING_ALPHA)
+        return self.tokenizer.encode(transcript)
+
+    def augment_audio(self, audios: list[Tensor], step: int, rng: random.Random) -> list[Tensor]:
+        """Speed perturbation, background noise, babble and narrowband, each applied independently."""
+        a = self.augment
+        initial = (a.noise_initial_low, a.noise_initial_high)
+        out = []
+        for i, audio in enumerate(audios):
+            if a.speed_perturbation is not None:
+                audio = change_speed(audio, round(rng.uniform(*a.speed_perturbation), 2), self.sample_rate)
+            if rng.random() < a.prob_background_noise:
+                low, high = snr_range(
+                    step, initial, BACKGROUND_FINAL_SNR, a.noise_delay_steps, a.noise_ramp_steps
+                )
+                audio = mix_at_snr(audio, self.background_noise(len(audio), rng), rng.uniform(low, high))
+            if len(audios) > 1 and rng.random() < a.prob_babble_noise:
+                low, high = snr_range(
+                    step, initial, BABBLE_FINAL_SNR, a.noise_delay_steps, a.noise_ramp_steps
+                )
+                other = audios[rng.choice([j for j in range(len(audios)) if j != i])]
+                audio = mix_at_snr(audio, other, rng.uniform(low, high))
+            if rng.random() < a.prob_train_narrowband:
+                audio = narrowband(audio, self.sample_rate)
+            out.append(audio)
+        return out
+
+    def background_noise(self, n: int, rng: random.Random) -> Tensor:
+        """A random noise file when `noise_dir` is set, else generated coloured noise."""
+        if self.noise_files:
+            return load_audio(rng.choice(self.noise_files), self.sample_rate)
+        return coloured_noise(n, rng)

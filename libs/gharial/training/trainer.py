@@ -1,0 +1,353 @@
+"""The training loop: one obvious loop over optimizer steps, with checkpoints that resume exactly.
+
+Each optimizer step sees `global_batch_size` utterances in `grad_accumulation_batches` micro-batches;
+each micro-batch runs the encoder and prediction network once and the joint + loss in
+`batch_split_factor` slices (the joint's [B, T, U, V] lattice is what runs out of memory). The loss
+is RNN-T plus `ctc_weight` × an auxiliary CTC loss on the encoder, which gets training off the "blank
+plateau" far sooner on small data. Data order and augmentation are functions of (seed, step), and
+checkpoints hold the step, so a resumed run continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from gharial.asr.checkpoint import HardwareCheckpoint
+from gharial.asr.config import ModelConfig
+from gharial.asr.features import FeatureExtractor, MelStats
+from gharial.asr.loss import rnnt_loss
+from gharial.asr.model import RNNT, EncoderState
+from gharial.asr.text import normalize_transcript
+from gharial.asr.tokenizer import Tokenizer
+from gharial.data.manifest import ManifestError, Utterance
+from gharial.data.readers import read_utterances
+from gharial.training.batch import Batch, BatchMaker
+from gharial.training.batches import batch_at
+from gharial.training.checkpoint import TrainingCheckpoint, TrainingCheckpointMeta
+from gharial.training.config import TrainConfig
+from gharial.training.ema import EMA
+from gharial.training.schedule import learning_rate
+
+log = logging.getLogger("gharial.train")
+KEEP_CHECKPOINTS = 3
+NOISE_SUFFIXES = (".wav", ".flac", ".ogg")
+GRAD_NOISE_DECAY = 0.55
+
+
+class TrainingModel(nn.Module):
+    """The RNN-T plus the auxiliary CTC head used only in training (never exported)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.rnnt = RNNT(cfg)
+        self.ctc_head = nn.Linear(cfg.encoder.hidden, cfg.vocab_size + 1)
+
+
+def load_training_data(cfg: TrainConfig, tokenizer: Tokenizer) -> list[Utterance]:
+    """Every training utterance no longer than max_duration_s; refuses empty transcripts and missing audio."""
+    utterances = []
+    for manifest in cfg.data.train_manifests:
+        for utt in read_utterances(manifest):
+            if not normalize_transcript(utt.transcript):
+                raise ManifestError(f"{manifest}: utterance {utt.id} has an empty transcript")
+            if utt.duration <= cfg.data.max_duration_s:
+                utterances.append(utt)
+    missing = [str(u.audio) for u in utterances if u.audio_bytes is None and not u.audio.is_file()]
+    if missing:
+        raise ManifestError(f"{len(missing)} audio files are missing, e.g. {missing[:3]}")
+    if not utterances:
+        raise ManifestError("no training utterances (check train_manifests and max_duration_s)")
+    return utterances
+
+
+def write_run_config(cfg: TrainConfig, run_dir: Path) -> Path:
+    """`<name>_run.yaml`: the config with every default written out and the model config inlined."""
+    path = run_dir / f"{cfg.name}_run.yaml"
+    path.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    return path
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+
+        self.model_cfg = cfg.architecture()
+        self.tokenizer_bytes = cfg.data.tokenizer.read_bytes()
+        self.tokenizer = Tokenizer.from_bytes(self.tokenizer_bytes)
+        if self.tokenizer.vocab_size != self.model_cfg.vocab_size:
+            raise ValueError(
+                f"{cfg.data.tokenizer}: {self.tokenizer.vocab_size} pieces, model config wants "
+                f"{self.model_cfg.vocab_size}"
+            )
+        self.mel_stats = MelStats.model_validate_json(cfg.data.mel_stats.read_text())
+        self.utterances = load_training_data(cfg, self.tokenizer)
+        self.durations = [u.duration for u in self.utterances]
+        noise = sorted(
+            p for p in (cfg.data.noise_dir or Path("/nonexistent")).rglob("*") if p.suffix in NOISE_SUFFIXES
+        )
+        self.make_batch = BatchMaker(
+            FeatureExtractor(self.model_cfg.features, self.mel_stats), self.tokenizer, cfg.augment, noise
+        )
+
+        self.model = TrainingModel(self.model_cfg)
+        self.ema = EMA(self.model, cfg.optim.ema)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.step = 0
+        self.audio_seconds_seen = 0.0
+        self.best_wer: float | None = None
+        self.rsp_history: list[EncoderState] = []
+        self._resume_or_fine_tune()
+        if cfg.freeze_encoder:
+            for p in self.model.rnnt.encoder.parameters():
+                p.requires_grad_(False)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def checkpoint(self) -> TrainingCheckpoint:
+        return TrainingCheckpoint(
+            TrainingCheckpointMeta(
+                config=self.cfg,
+                step=self.step,
+                audio_seconds_seen=self.audio_seconds_seen,
+                best_wer=self.best_wer,
+            ),
+            model=self.model.state_dict(),
+            ema=self.ema.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            tokenizer_model=self.tokenizer_bytes,
+            mel_stats=self.mel_stats,
+        )
+
+    def save(self) -> Path:
+        path = self.ckpt_dir / f"step_{self.step:07d}.pt"
+        self.checkpoint().save(path)
+        for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-KEEP_CHECKPOINTS]:
+            old.unlink()
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        saved = sorted(self.ckpt_dir.glob("step_*.pt"))
+        return saved[-1] if saved else None
+
+    def _resume_or_fine_tune(self) -> None:
+        latest = self.latest_checkpoint()
+        if latest is not None:
+            ckpt = TrainingCheckpoint.load(latest)
+            self.model.load_state_dict(ckpt.model)
+            self.ema.model.load_state_dict(ckpt.ema)
+            self.optimizer.load_state_dict(ckpt.optimizer)
+            self.step, self.audio_seconds_seen = ckpt.meta.step, ckpt.meta.audio_seconds_seen
+            self.best_wer = ckpt.meta.best_wer
+            log.info(json.dumps({"event": "resumed", "checkpoint": str(latest), "step": self.step}))
+        elif self.cfg.fine_tune_from is not None:
+            ckpt = TrainingCheckpoint.load(self.cfg.fine_tune_from)
+            self.model.load_state_dict(ckpt.ema)  # fine-tuning starts from the exported (EMA) weights
+            self.ema.model.load_state_dict(ckpt.ema)
+            log.info(json.dumps({"event": "fine_tune", "from": str(self.cfg.fine_tune_from)}))
+
+    def hardware_checkpoint(self) -> HardwareCheckpoint:
+        """The EMA weights as a hardware checkpoint (what `gharial export` writes)."""
+        return HardwareCheckpoint.from_model(
+            self.ema.model.rnnt, self.mel_stats, self.tokenizer_bytes, training_step=self.step,
+            source=f"gharial train {self.cfg.name}",
+        )  # fmt: skip
+
+    # -- one step ----------------------------------------------------------------------------------
+    def micro_batch(self, position: int) -> Batch:
+        indices = batch_at(self.durations, self.cfg.batch_size, self.cfg.seed, position)
+        return self.make_batch([self.utterances[i] for i in indices], position, self.cfg.seed)
+
+    def loss(self, batch: Batch, initial_state: EncoderState | None) -> tuple[Tensor, EncoderState]:
+        """Summed RNN-T (+ CTC) loss of one micro-batch; backward runs here, slice by slice."""
+        rnnt = self.model.rnnt
+        stack = self.model_cfg.encoder.stack_time
+        enc, final_state = rnnt.encoder(batch.features, initial_state)
+        enc_lengths = torch.div(batch.feature_lengths + stack - 1, stack, rounding_mode="floor")
+        sos = batch.targets.new_full((batch.targets.shape[0], 1), rnnt.blank_id)
+        pred, _ = rnnt.predictor(torch.cat([sos, batch.targets], 1))
+        # Slices of the joint reuse encoder/predictor outputs through detached leaves, whose
+        # gradients are then pushed through the encoder and predictor in one backward pass.
+        enc_leaf, pred_leaf = enc.detach().requires_grad_(), pred.detach().requires_grad_()
+        total = torch.zeros(())
+        for rows in torch.arange(len(enc)).chunk(self.cfg.batch_split_factor):
+            t_max, u_max = int(enc_lengths[rows].max()), int(batch.target_lengths[rows].max())
+            logits = rnnt.joint(enc_leaf[rows, :t_max], pred_leaf[rows, : u_max + 1])
+            part = rnnt_loss(
+                logits.float(), batch.targets[rows, :u_max], enc_lengths[rows], batch.target_lengths[rows],
+                rnnt.blank_id, reduction="sum", delay_penalty=self.cfg.augment.delay_penalty,
+            )  # fmt: skip
+            (part / self.cfg.global_batch_size).backward()
+            total += part.detach()
+        if self.cfg.ctc_weight:
+            log_probs = self.model.ctc_head(enc_leaf).float().log_softmax(-1).transpose(0, 1)
+            ctc = F.ctc_loss(
+                log_probs, batch.targets, enc_lengths, batch.target_lengths, blank=rnnt.blank_id,
+                reduction="sum", zero_infinity=True,
+            )  # fmt: skip
+            (self.cfg.ctc_weight * ctc / self.cfg.global_batch_size).backward()
+            total += self.cfg.ctc_weight * ctc.detach()
+        torch.autograd.backward([enc, pred], [enc_leaf.grad, pred_leaf.grad])
+        return total, EncoderState(*(type(s)(*(x.detach() for x in s)) for s in final_state))
+
+    def rsp_state(self, batch_size: int, rng: random.Random) -> EncoderState | None:
+        """Random state passing: sometimes start from the final state of an earlier batch."""
+        a = self.cfg.augment
+        delay = a.rsp_delay if a.rsp_delay is not None else self.default_rsp_delay()
+        if self.step < delay or not self.rsp_history:
+            return None
+        back = rng.choices(range(len(a.rsp_seq_len_freq)), weights=a.rsp_seq_len_freq)[0]
+        if back == 0 or back > len(self.rsp_history):
+            return None
+        state = self.rsp_history[-back]
+        return state if state.pre.h.shape[1] == batch_size else None
+
+    def default_rsp_delay(self) -> int:
+        """After the learning rate has decayed to 1/8 of its peak (three half-lives)."""
+        o = self.cfg.optim
+        return o.warmup_steps + o.hold_steps + 3 * o.half_life_steps
+
+    def add_grad_noise(self, rng: torch.Generator) -> None:
+        """σ = noise / (1 + t − t0)^0.55 Gaussian noise on the encoder's gradients, from step t0."""
+        a = self.cfg.augment
+        start = a.grad_noise_start if a.grad_noise_start is not None else self.cfg.optim.warmup_steps
+        if not a.grad_noise or self.step < start or self.cfg.freeze_encoder:
+            return
+        sigma = a.grad_noise / (1 + self.step - start) ** GRAD_NOISE_DECAY
+        for p in self.model.rnnt.encoder.parameters():
+            if p.grad is not None:
+                p.grad.add_(torch.randn(p.grad.shape, generator=rng) * sigma)
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        lr = learning_rate(self.step, cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        rng = random.Random(f"{cfg.seed}/step/{self.step}")
+        loss_sum, seconds, utterances = 0.0, 0.0, 0
+        self.model.train()
+        for micro in range(cfg.grad_accumulation_batches):
+            batch = self.micro_batch(self.step * cfg.grad_accumulation_batches + micro)
+            with self.autocast():
+                loss, final_state = self.loss(batch, self.rsp_state(len(batch.features), rng))
+            self.rsp_history = ([*self.rsp_history, final_state])[-len(cfg.augment.rsp_seq_len_freq) :]
+            loss_sum += float(loss)
+            seconds += batch.audio_seconds
+            utterances += len(batch.features)
+        self.add_grad_noise(torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        self.audio_seconds_seen += seconds
+        return {"loss": loss_sum / utterances, "lr": lr, "grad_norm": grad_norm, "audio_seconds": seconds}
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self, steps: int | None = None, validate: Any = None, profile_steps: int = 0) -> None:
+        """Train until `training_steps` (or `steps` more steps); checkpoint every `save_every`.
+
+        validate: callable(HardwareCheckpoint) → WER, run every `val_every` steps when given.
+        """
+        end = self.cfg.training_steps if steps is None else min(self.cfg.training_steps, self.step + steps)
+        write_run_config(self.cfg, self.run_dir)
+        writer = _tensorboard(self.run_dir / "tensorboard")
+        log_file = (self.run_dir / "train_log.jsonl").open("a")
+        bar = tqdm(total=end, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True)
+        try:
+            with _profiler(self.run_dir, profile_steps) as profiler:
+                while self.step < end:
+                    started = time.perf_counter()
+                    stats = self.train_step()
+                    stats["audio_seconds_per_second"] = stats["audio_seconds"] / (
+                        time.perf_counter() - started
+                    )
+                    if profiler is not None:
+                        profiler.step()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}",
+                                    rt=f"{stats['audio_seconds_per_second']:.0f}x")  # fmt: skip
+                    record = {
+                        "event": "step",
+                        "step": self.step,
+                        **{k: round(v, 6) for k, v in stats.items()},
+                    }
+                    log_file.write(json.dumps(record) + "\n")
+                    for key, value in stats.items():
+                        writer.add_scalar(f"train/{key}", value, self.step)
+                    if validate is not None and self.step % self.cfg.val_every == 0:
+                        self._validate(validate, writer, log_file)
+                    if self.step % self.cfg.save_every == 0 or self.step == end:
+                        self.save()
+                    log_file.flush()
+        finally:
+            bar.close()
+            writer.close()
+            log_file.close()
+
+    def _validate(self, validate: Any, writer: Any, log_file: Any) -> None:
+        wer = float(validate(self.hardware_checkpoint()))
+        writer.add_scalar("val/wer", wer, self.step)
+        log_file.write(json.dumps({"event": "validation", "step": self.step, "wer": wer}) + "\n")
+        if self.best_wer is None or wer < self.best_wer:
+            self.best_wer = wer
+            self.checkpoint().save(self.ckpt_dir / "best.pt")
+            self.hardware_checkpoint().save(self.run_dir / "best.hwckpt")
+
+
+class _NullWriter:
+    def add_scalar(self, *args: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _tensorboard(path: Path) -> Any:
+    """A TensorBoard writer, or one that drops everything when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning(json.dumps({"event": "no_tensorboard", "hint": "pip install tensorboard"}))
+        return _NullWriter()
+    return SummaryWriter(str(path))
+
+
+@contextlib.contextmanager
+def _profiler(run_dir: Path, steps: int) -> Iterator[Any]:
+    """torch.profiler over the first `steps` steps; the table goes to run_dir/profile.txt."""
+    if steps <= 0:
+        yield None
+        return
+    schedule = torch.profiler.schedule(wait=1, warmup=1, active=steps)
+    with torch.profiler.profile(schedule=schedule, record_shapes=False) as prof:
+        yield prof
+    (run_dir / "profile.txt").write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
