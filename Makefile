@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/*.proto)
 PROTO_OUT := libs/gharial/protos
 
-.PHONY: install test test-all lint format bench clean protos
+.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy
 
 install: $(STAMP)
 
@@ -45,6 +45,30 @@ format: install
 
 bench: install
 	$(BIN)/python bench/core_throughput.py
+
+# The accuracy benchmark's baselines (the `bench` extra); re-installs only when pyproject.toml changes.
+BENCH_STAMP := $(VENV)/.installed-bench
+install-bench: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+# WER and RTF of Gharial and the baselines; flags through ARGS, e.g. make bench-accuracy ARGS="--limit 5"
+bench-accuracy: install-bench
+	OMP_NUM_THREADS=1 $(BIN)/python bench/accuracy.py $(ARGS)
+
+# The synthetic half of the bundled model's training data (Debian packages espeak-ng, flite and
+# fortunes must be installed; see models/en-small/MODEL_CARD.md). Made once; ~12 min on 2 cores.
+SYNTH := data/synth-v1/manifest.json
+data: install $(SYNTH)
+$(SYNTH):
+	$(BIN)/gharial data synth -o data/synth-v1 --sentences 8000 --heldout-sentences 400 \
+		--exclude-manifest ../shared/data/speech-dev/manifest.json
+
+# Train (or resume) the bundled model's recipe; checkpoints and logs go to runs/en-small/.
+train: data
+	$(BIN)/gharial train --config models/en-small/train.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -19,7 +19,7 @@ from gharial.asr.streaming import Recognizer, StreamingConfig
 from gharial.asr.tokenizer import WORD_START, Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-BUNDLED_CHECKPOINT = REPO_ROOT / "models" / "default.hwckpt"
+BUNDLED_CHECKPOINT = REPO_ROOT / "models" / "en-small" / "en-small.hwckpt"
 EOS_PIECE = "<EOS>"
 
 

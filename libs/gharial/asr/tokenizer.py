@@ -121,6 +121,10 @@ class Tokenizer:
     def from_bytes(cls, model_bytes: bytes) -> Tokenizer:
         return cls(model_bytes)
 
+    def __reduce__(self) -> tuple[type[Tokenizer], tuple[bytes]]:
+        """Pickle as the model bytes (the sentencepiece processor itself does not pickle)."""
+        return (Tokenizer, (self.model_bytes,))
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
         return cls(Path(path).read_bytes())

@@ -1,4 +1,4 @@
-"""`gharial data ...`: preparing training data (synthetic speech, transcripts, tokenizer, mel stats)."""
+"""`gharial data ...`: preparing training data (synthetic speech, transcripts, tokenizer, mel stats, LM)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from gharial.data.manifest import Utterance
 
 app = typer.Typer(
-    help="Prepare training data: synthetic corpus, transcripts, tokenizer, mel stats.", no_args_is_help=True
+    help="Prepare training data: synthetic corpus, transcripts, tokenizer, mel stats, n-gram LM.",
+    no_args_is_help=True,
 )
 
 
@@ -88,6 +89,75 @@ def tokenizer(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
     typer.echo(f"wrote {written} ({vocab_size} pieces from {len(texts)} transcripts)")
+
+
+@app.command()
+def ngram(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="manifests (any supported format) or .txt files, one sentence a line")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="ARPA file to write (e.g. lm.arpa)")],
+    order: Annotated[int, typer.Option(min=2, help="n-gram order (3: trigrams)")] = 3,
+    fortunes: Annotated[
+        bool, typer.Option(help="also every sentence of the Debian fortune files (those `data synth` reads)")
+    ] = False,
+    exclude_manifest: Annotated[
+        list[Path] | None,
+        typer.Option(help="drop every sentence of this manifest (repeat; e.g. the validation sets)"),
+    ] = None,
+    min_count: Annotated[
+        int,
+        typer.Option(min=1, help="leave out highest-order n-grams seen fewer times (2: prune singletons)"),
+    ] = 1,
+    discount: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="one fixed Kneser-Ney discount (default: estimated per order)"),
+    ] = None,
+) -> None:
+    """Estimate a word-level n-gram LM (interpolated modified Kneser-Ney) on normalised text, as ARPA.
+
+    The file is what beam decoding fuses with the acoustic model once embedded (`export --ngram-lm`).
+    models/en-small/lm.arpa was built with:
+
+        gharial data ngram ../shared/data/train-*/manifest.json data/synth-v1/manifest.json --fortunes
+        --exclude-manifest ../shared/data/speech-dev/manifest.json
+        --exclude-manifest data/synth-v1/heldout.json --order 3 -o models/en-small/lm.arpa
+    """
+    from gharial.asr.text import normalize_transcript
+    from gharial.data.ngram import build_arpa
+    from gharial.data.readers import read_utterances
+    from gharial.data.synth import fortune_sentences
+
+    texts: list[str] = []
+    for path in inputs:
+        if path.suffix == ".txt":
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as err:
+                typer.echo(f"error: {path}: {err}", err=True)
+                raise typer.Exit(2) from err
+            texts += [line for line in lines if line.strip()]
+        else:
+            texts += [u.transcript for u in _read(path, read_utterances)]
+    if fortunes:
+        try:
+            texts += fortune_sentences()
+        except FileNotFoundError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from err
+    excluded = {
+        normalize_transcript(u.transcript) for m in exclude_manifest or [] for u in _read(m, read_utterances)
+    }
+    normalised = [normalize_transcript(t) for t in texts]
+    kept = [t for t in normalised if t not in excluded]
+    try:
+        arpa = build_arpa(kept, order=order, discount=discount, min_count=min_count)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    out.write_text(arpa, encoding="utf-8")
+    counts = ", ".join(line.split()[1] for line in arpa.splitlines() if line.startswith("ngram "))
+    typer.echo(f"wrote {out} ({counts}) from {len(kept)} sentences, {len(texts) - len(kept)} excluded")
 
 
 @app.command("mel-stats")

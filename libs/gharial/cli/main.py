@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from gharial.cli import data, model, train, transcribe
+from gharial.cli import data, model, train, transcribe, validate
 
 app = typer.Typer(
     name="gharial",
@@ -18,6 +18,7 @@ app.add_typer(model.app, name="model")
 app.command("transcribe")(transcribe.transcribe)
 app.command("train")(train.train)
 app.command("export")(train.export)
+app.command("validate")(validate.validate)
 
 if __name__ == "__main__":
     app()

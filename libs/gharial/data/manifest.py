@@ -8,7 +8,8 @@ A manifest is a JSON list of entries like::
      "id": "...", "speaker": "..."}      # id and speaker are optional extras
 
 `fname` is relative to the manifest's folder. When `files` lists several versions of the same
-audio, the first one is used.
+audio, the first one is used. Loading an utterance checks its file really has the declared
+`sample_rate`: a mislabelled corpus would otherwise train at the wrong speed without any error.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 from pathlib import Path
 
+import soundfile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
@@ -35,20 +37,34 @@ class Utterance(BaseModel):
     duration: float = Field(ge=0)
     speaker: str | None = None
     audio_bytes: bytes | None = Field(None, repr=False, description="encoded audio (WAV/FLAC) held in memory")
+    sample_rate: int | None = Field(None, gt=0, description="the audio's rate as its source states it")
 
     def load_audio(self, sample_rate: int) -> Tensor:
-        """Mono float32 samples at `sample_rate`; errors name the utterance's source."""
-        source = io.BytesIO(self.audio_bytes) if self.audio_bytes is not None else self.audio
+        """Mono float32 samples at `sample_rate`. Errors name the utterance and its file, so that one
+        bad file in a large corpus can be found and fixed."""
+        if self.audio_bytes is None and not self.audio.is_file():
+            raise ValueError(f"utterance {self.id}: audio file {self.audio} not found")
         try:
-            return load_audio(source, sample_rate)
+            samples = load_audio(self._source(), sample_rate)
         except ValueError as err:
             raise ValueError(f"utterance {self.id}: {err}") from err
+        if self.sample_rate is not None:
+            actual = soundfile.info(self._source()).samplerate
+            if actual != self.sample_rate:
+                raise ValueError(
+                    f"utterance {self.id}: {self.audio} is sampled at {actual} Hz, "
+                    f"but its manifest declares {self.sample_rate} Hz"
+                )
+        return samples
+
+    def _source(self) -> str | io.BytesIO:
+        return io.BytesIO(self.audio_bytes) if self.audio_bytes is not None else str(self.audio)
 
 
 class ManifestFile(BaseModel):
     fname: str
     channels: int = 1
-    sample_rate: int = 16000
+    sample_rate: int | None = Field(None, gt=0)
     duration: float = Field(ge=0)
     num_samples: int | None = None
 
@@ -94,17 +110,20 @@ def read_json_manifest(path: str | Path) -> list[Utterance]:
                 transcript=entry.transcript,
                 duration=audio.duration,
                 speaker=entry.speaker,
+                sample_rate=audio.sample_rate,
             )
         )
     return utterances
 
 
 def write_json_manifest(path: str | Path, utterances: list[Utterance], sample_rate: int = 16000) -> None:
-    """Write `utterances` as a manifest at `path`; audio paths are stored relative to its folder."""
+    """Write `utterances` as a manifest at `path`; audio paths are stored relative to its folder.
+    `sample_rate` is declared for utterances whose own rate is unknown."""
     path = Path(path)
     entries = []
     for utt in utterances:
         fname = Path(utt.audio).resolve().relative_to(path.parent.resolve())
+        rate = utt.sample_rate or sample_rate
         entries.append(
             {
                 "transcript": utt.transcript,
@@ -112,9 +131,9 @@ def write_json_manifest(path: str | Path, utterances: list[Utterance], sample_ra
                     {
                         "fname": fname.as_posix(),
                         "channels": 1,
-                        "sample_rate": sample_rate,
+                        "sample_rate": rate,
                         "duration": round(utt.duration, 4),
-                        "num_samples": round(utt.duration * sample_rate),
+                        "num_samples": round(utt.duration * rate),
                     }
                 ],
                 "original_duration": round(utt.duration, 4),

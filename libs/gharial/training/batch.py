@@ -6,15 +6,16 @@ given position is the same whether the run started there or resumed there.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 from torch import Tensor
 
 from gharial.asr.features import FeatureExtractor
+from gharial.asr.text import normalize_transcript
 from gharial.asr.tokenizer import Tokenizer
 from gharial.audio import load_audio
 from gharial.data.augment import change_speed, coloured_noise, mix_at_snr, narrowband, snr_range, spec_augment
@@ -24,6 +25,7 @@ from gharial.training.config import AugmentConfig
 BACKGROUND_FINAL_SNR = (0.0, 30.0)  # dB, the documented final ranges
 BABBLE_FINAL_SNR = (15.0, 30.0)
 TOKEN_SAMPLING_ALPHA = 0.1  # sentencepiece subword-regularisation smoothing
+TOKEN_SAMPLING_NBEST = 64  # segmentations of each word sampled among
 
 
 @dataclass
@@ -58,7 +60,11 @@ class BatchMaker:
             audios = self.augment_audio(audios, step, rng)
         features = []
         for audio in audios:
-            f = self.extractor(audio, dither=self.extractor.cfg.dither if train else 0.0)
+            # dither draws from torch's global generator: seed it from this batch's rng, or the
+            # batch would depend on what ran before it in this process (breaking exact resume)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rng.getrandbits(63))
+                f = self.extractor(audio, dither=self.extractor.cfg.dither if train else 0.0)
             if train:
                 a = self.augment
                 f = spec_augment(
@@ -81,8 +87,7 @@ class BatchMaker:
         """Token ids; with `rng`, a fraction `token_sampling` of transcripts is tokenized by sampling
         among sentencepiece segmentations instead of the most probable one."""
         if rng is not None and rng.random() < self.augment.token_sampling:
-            spm.set_random_generator_seed(rng.getrandbits(31))
-            return self.tokenizer.encode_sampled(transcript, alpha=TOKEN_SAMPLING_ALPHA)
+            return sample_segmentation(self.tokenizer, transcript, TOKEN_SAMPLING_ALPHA, rng)
         return self.tokenizer.encode(transcript)
 
     def augment_audio(self, audios: list[Tensor], step: int, rng: random.Random) -> list[Tensor]:
@@ -114,3 +119,18 @@ class BatchMaker:
         if self.noise_files:
             return load_audio(rng.choice(self.noise_files), self.sample_rate)
         return coloured_noise(n, rng)
+
+
+def sample_segmentation(tokenizer: Tokenizer, transcript: str, alpha: float, rng: random.Random) -> list[int]:
+    """Subword regularisation drawing only from `rng`: each word's segmentation is sampled among its
+    `TOKEN_SAMPLING_NBEST` best with P ∝ P(segmentation)^alpha (pieces never cross words, so words
+    are independent). sentencepiece's own sampling is not reproducible across processes even after
+    `set_random_generator_seed`, which made batches depend on the process that built them."""
+    ids: list[int] = []
+    for word in normalize_transcript(transcript).split():
+        nbest = tokenizer._sp.nbest_encode_as_proto(word, nbest_size=TOKEN_SAMPLING_NBEST).nbests
+        options = sorted((tuple(p.id for p in n.pieces), float(n.score)) for n in nbest)
+        best = max(score for _, score in options)
+        weights = [math.exp(alpha * (score - best)) for _, score in options]
+        ids += rng.choices(options, weights=weights)[0][0]
+    return ids

@@ -4,7 +4,11 @@ A training checkpoint is a torch file holding plain tensors and one JSON metadat
 with `weights_only=True`, so opening one never runs code):
 
     {"meta": TrainingCheckpointMeta JSON, "model": state dict, "ema": state dict,
-     "optimizer": state dict, "tokenizer_model": bytes-as-uint8, "mel_stats": JSON}
+     "optimizer": state dict, "tokenizer_model": bytes-as-uint8, "mel_stats": JSON,
+     "rsp_history": [[pre.h, pre.c, post.h, post.c] of each recent final encoder state]}
+
+`rsp_history` (random state passing's source states) is optional: a checkpoint without it resumes
+with an empty history.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class TrainingCheckpoint:
         optimizer: dict[str, Any],
         tokenizer_model: bytes,
         mel_stats: MelStats,
+        rsp_history: list[list[torch.Tensor]] | None = None,
     ) -> None:
         self.meta = meta
         self.model = model
@@ -51,6 +56,7 @@ class TrainingCheckpoint:
         self.optimizer = optimizer
         self.tokenizer_model = tokenizer_model
         self.mel_stats = mel_stats
+        self.rsp_history = rsp_history or []
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary file, then rename): a run killed mid-save leaves the old file."""
@@ -64,6 +70,7 @@ class TrainingCheckpoint:
                 "optimizer": self.optimizer,
                 "tokenizer_model": torch.frombuffer(bytearray(self.tokenizer_model), dtype=torch.uint8),
                 "mel_stats": self.mel_stats.model_dump_json(),
+                "rsp_history": self.rsp_history,
             },
             tmp,
         )
@@ -91,5 +98,6 @@ class TrainingCheckpoint:
                 f"{path}: format version {meta.format_version}, this Gharial reads {FORMAT_VERSION}"
             )
         return cls(
-            meta, raw["model"], raw["ema"], raw["optimizer"], raw["tokenizer_model"].numpy().tobytes(), stats
-        )
+            meta, raw["model"], raw["ema"], raw["optimizer"], raw["tokenizer_model"].numpy().tobytes(), stats,
+            raw.get("rsp_history", []),
+        )  # fmt: skip

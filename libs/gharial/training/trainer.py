@@ -10,11 +10,15 @@ checkpoints hold the step, so a resumed run continues with exactly the batches i
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +34,7 @@ from gharial.asr.checkpoint import HardwareCheckpoint
 from gharial.asr.config import ModelConfig
 from gharial.asr.features import FeatureExtractor, MelStats
 from gharial.asr.loss import rnnt_loss
-from gharial.asr.model import RNNT, EncoderState
+from gharial.asr.model import RNNT, EncoderState, LSTMState
 from gharial.asr.text import normalize_transcript
 from gharial.asr.tokenizer import Tokenizer
 from gharial.data.manifest import ManifestError, Utterance
@@ -100,7 +104,6 @@ class Trainer:
             )
         self.mel_stats = MelStats.model_validate_json(cfg.data.mel_stats.read_text())
         self.utterances = load_training_data(cfg, self.tokenizer)
-        self.durations = [u.duration for u in self.utterances]
         noise = sorted(
             p for p in (cfg.data.noise_dir or Path("/nonexistent")).rglob("*") if p.suffix in NOISE_SUFFIXES
         )
@@ -120,6 +123,7 @@ class Trainer:
         self.audio_seconds_seen = 0.0
         self.best_wer: float | None = None
         self.rsp_history: list[EncoderState] = []
+        self.prefetcher: BatchPrefetcher | None = None
         self._resume_or_fine_tune()
         if cfg.freeze_encoder:
             for p in self.model.rnnt.encoder.parameters():
@@ -139,6 +143,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             tokenizer_model=self.tokenizer_bytes,
             mel_stats=self.mel_stats,
+            rsp_history=[[x for part in state for x in part] for state in self.rsp_history],
         )
 
     def save(self) -> Path:
@@ -161,6 +166,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt.optimizer)
             self.step, self.audio_seconds_seen = ckpt.meta.step, ckpt.meta.audio_seconds_seen
             self.best_wer = ckpt.meta.best_wer
+            self.rsp_history = [EncoderState(LSTMState(*s[:2]), LSTMState(*s[2:])) for s in ckpt.rsp_history]
             log.info(json.dumps({"event": "resumed", "checkpoint": str(latest), "step": self.step}))
         elif self.cfg.fine_tune_from is not None:
             ckpt = TrainingCheckpoint.load(self.cfg.fine_tune_from)
@@ -177,8 +183,11 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------
     def micro_batch(self, position: int) -> Batch:
-        indices = batch_at(self.durations, self.cfg.batch_size, self.cfg.seed, position)
-        return self.make_batch([self.utterances[i] for i in indices], position, self.cfg.seed)
+        if self.prefetcher is None:
+            self.prefetcher = BatchPrefetcher(
+                self.make_batch, self.utterances, self.cfg.batch_size, self.cfg.seed
+            )
+        return self.prefetcher.get(position)
 
     def loss(self, batch: Batch, initial_state: EncoderState | None) -> tuple[Tensor, EncoderState]:
         """Summed RNN-T (+ CTC) loss of one micro-batch; backward runs here, slice by slice."""
@@ -309,6 +318,9 @@ class Trainer:
                         self.save()
                     log_file.flush()
         finally:
+            if self.prefetcher is not None:
+                self.prefetcher.close()
+                self.prefetcher = None
             bar.close()
             writer.close()
             log_file.close()
@@ -321,6 +333,63 @@ class Trainer:
             self.best_wer = wer
             self.checkpoint().save(self.ckpt_dir / "best.pt")
             self.hardware_checkpoint().save(self.run_dir / "best.hwckpt")
+
+
+class BatchPrefetcher:
+    """Makes the next batches in a worker process while the current one trains. Batches are pure
+    functions of their position, so prefetching changes nothing but the speed."""
+
+    AHEAD = 2
+
+    def __init__(
+        self, make_batch: BatchMaker, utterances: list[Utterance], batch_size: int, seed: int
+    ) -> None:
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_batch_worker,
+            initargs=(make_batch, utterances, batch_size, seed),
+        )
+        self.pending: dict[int, concurrent.futures.Future[Batch]] = {}
+
+    def get(self, position: int) -> Batch:
+        for p in list(self.pending):
+            if p < position:  # a jump (e.g. a test calling out of order): drop stale work
+                self.pending.pop(p).cancel()
+        for p in range(position, position + self.AHEAD + 1):
+            if p not in self.pending:
+                self.pending[p] = self.pool.submit(_make_batch_at, p)
+        return self.pending.pop(position).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+_worker: dict[str, Any] = {}
+
+
+def _init_batch_worker(
+    make_batch: BatchMaker, utterances: list[Utterance], batch_size: int, seed: int
+) -> None:
+    torch.set_num_threads(1)
+    # The worker holds its task queue's write end itself, so it never sees EOF when the trainer is
+    # killed (SIGKILL, OOM killer): without this it would wait forever, holding the utterance list.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    _worker.update(make_batch=make_batch, utterances=utterances, batch_size=batch_size, seed=seed)
+    _worker["durations"] = [u.duration for u in utterances]
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()
+    os._exit(0)
+
+
+def _make_batch_at(position: int) -> Batch:
+    w = _worker
+    indices = batch_at(w["durations"], w["batch_size"], w["seed"], position)
+    return w["make_batch"]([w["utterances"][i] for i in indices], position, w["seed"])
 
 
 class _NullWriter:

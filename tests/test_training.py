@@ -1,0 +1,746 @@
+"""Training: exact resume (in process and after SIGKILL), every augmentation's effect on a batch,
+the data order, the run config, the schedule, the EMA and export to a hardware checkpoint.
+
+Runs are tiny (the `tiny` model, 8 tone utterances, 4 per step) and live in tmp_path."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import soundfile
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from gharial.asr.checkpoint import HardwareCheckpoint
+from gharial.asr.config import (
+    EncoderConfig,
+    FeatureConfig,
+    JointConfig,
+    ModelConfig,
+    PredictorConfig,
+    load_model_config,
+)
+from gharial.asr.decoding.greedy import GreedyDecoder
+from gharial.asr.features import FeatureExtractor, MelStats
+from gharial.asr.loss import rnnt_loss
+from gharial.asr.model import EncoderState, LSTMState
+from gharial.asr.pipeline import SpeechToText
+from gharial.asr.streaming import Recognizer
+from gharial.asr.text import normalize_transcript
+from gharial.asr.tokenizer import Tokenizer
+from gharial.data.augment import change_speed, mix_at_snr, narrowband, snr_range, spec_augment
+from gharial.data.manifest import Utterance, write_json_manifest
+from gharial.training.batch import BABBLE_FINAL_SNR, BACKGROUND_FINAL_SNR, Batch, BatchMaker
+from gharial.training.batches import BUCKET_BATCHES, batch_at, epoch_batches
+from gharial.training.checkpoint import TrainingCheckpoint, TrainingCheckpointMeta
+from gharial.training.config import AugmentConfig, DataConfig, OptimConfig, TrainConfig, load_train_config
+from gharial.training.ema import EMA
+from gharial.training.export import export_checkpoint
+from gharial.training.schedule import learning_rate
+from gharial.training.trainer import Trainer, TrainingModel, write_run_config
+
+from .conftest import PHRASES, emitting_model, tone_utterance
+
+GHARIAL = Path(sys.executable).parent / "gharial"
+TINY_YAML = Path(__file__).resolve().parents[1] / "libs" / "gharial" / "asr" / "configs" / "tiny.yaml"
+RATE = 16000
+STEPS = 6  # training_steps of the test run; checkpoints every 2
+
+
+# -- a tiny run in tmp_path ----------------------------------------------------------------------
+def write_audio(path: Path, audio: Tensor) -> Utterance:
+    """Writes `audio` as FLAC; returns an utterance for it (transcript filled in by the caller)."""
+    soundfile.write(path, audio.numpy(), RATE)
+    return Utterance(id=path.stem, audio=path, transcript="", duration=len(audio) / RATE)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_bytes: bytes) -> Path:
+    """8 tone utterances with short transcripts, a tokenizer, identity mel stats and a training YAML
+    (`train.yaml`) that turns every augmentation on, RSP and gradient noise included."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "audio").mkdir()
+    transcripts = [*PHRASES, "brown fox", "big dog"]
+    utterances = []
+    for i, text in enumerate(transcripts):
+        utt = write_audio(
+            root / "audio" / f"utt{i}.flac", tone_utterance([(i + k) % 10 for k in range(3 + i % 3)])
+        )
+        utterances.append(utt.model_copy(update={"transcript": text}))
+    write_json_manifest(root / "train.json", utterances)
+    (root / "tokenizer.model").write_bytes(tiny_tokenizer_bytes)
+    (root / "mel_stats.json").write_text(
+        MelStats.identity(load_model_config("tiny").features.n_mels).model_dump_json()
+    )
+    config = {
+        "name": "tiny-test",
+        "model": yaml.safe_load(TINY_YAML.read_text()),
+        "data": {
+            "train_manifests": ["train.json"],
+            "tokenizer": "tokenizer.model",
+            "mel_stats": "mel_stats.json",
+        },
+        "global_batch_size": 4,
+        "grad_accumulation_batches": 2,
+        "batch_split_factor": 2,
+        "training_steps": STEPS,
+        "save_every": 2,
+        "threads": 1,
+        "optim": {"warmup_steps": 2, "hold_steps": 1, "half_life_steps": 3},
+        "augment": {
+            "prob_background_noise": 0.5,
+            "prob_babble_noise": 0.5,
+            "prob_train_narrowband": 0.3,
+            "token_sampling": 0.5,
+            "rsp_delay": 1,
+            "rsp_seq_len_freq": [1.0, 1.0, 1.0],
+            "grad_noise": 0.05,
+            "grad_noise_start": 1,
+            "delay_penalty": 0.01,
+        },
+    }
+    (root / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def record_batches(trainer: Trainer) -> dict[int, Batch]:
+    """Every micro-batch the trainer trains on from now on, by position."""
+    seen: dict[int, Batch] = {}
+    original = trainer.micro_batch
+
+    def recording(position: int) -> Batch:
+        seen[position] = original(position)
+        return seen[position]
+
+    trainer.micro_batch = recording  # type: ignore[method-assign]
+    return seen
+
+
+def assert_same_batch(a: Batch, b: Batch) -> None:
+    assert torch.equal(a.features, b.features)
+    assert torch.equal(a.feature_lengths, b.feature_lengths)
+    assert torch.equal(a.targets, b.targets)
+    assert torch.equal(a.target_lengths, b.target_lengths)
+    assert a.audio_seconds == b.audio_seconds
+
+
+def assert_same_training_state(a: TrainingCheckpoint, b: TrainingCheckpoint) -> None:
+    assert a.meta.step == b.meta.step
+    assert a.meta.audio_seconds_seen == b.meta.audio_seconds_seen
+    for name in ("model", "ema"):
+        sa, sb = getattr(a, name), getattr(b, name)
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"{name}.{key}"
+    assert a.optimizer["param_groups"] == b.optimizer["param_groups"]
+    state_a, state_b = a.optimizer["state"], b.optimizer["state"]
+    assert state_a.keys() == state_b.keys() and state_a
+    for index in state_a:
+        for key in state_a[index]:
+            assert torch.equal(state_a[index][key], state_b[index][key]), f"optimizer {index}.{key}"
+    assert len(a.rsp_history) == len(b.rsp_history)
+    for xs, ys in zip(a.rsp_history, b.rsp_history, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(xs, ys, strict=True))
+
+
+@pytest.fixture(scope="module")
+def straight_run(
+    corpus: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[TrainingCheckpoint, dict[int, Batch]]:
+    """STEPS steps without interruption: the final state and every micro-batch trained on."""
+    trainer = Trainer(load_train_config(corpus / "train.yaml"), tmp_path_factory.mktemp("straight"))
+    batches = record_batches(trainer)
+    trainer.train()
+    assert trainer.step == STEPS
+    return trainer.checkpoint(), batches
+
+
+# -- resume ----------------------------------------------------------------------------------------
+def test_resume_continues_exactly(
+    corpus: Path, straight_run: tuple[TrainingCheckpoint, dict[int, Batch]], tmp_path: Path
+) -> None:
+    cfg = load_train_config(corpus / "train.yaml")
+    first = Trainer(cfg, tmp_path)
+    first.train(steps=STEPS // 2)
+    halfway = first.checkpoint()
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("*.pt"))] == [
+        "step_0000002.pt",
+        "step_0000003.pt",
+    ]
+
+    resumed = Trainer(cfg, tmp_path)
+    assert resumed.step == STEPS // 2
+    assert_same_training_state(resumed.checkpoint(), halfway)
+    batches = record_batches(resumed)
+    resumed.train()
+
+    straight, straight_batches = straight_run
+    assert resumed.step == STEPS
+    assert_same_training_state(resumed.checkpoint(), straight)
+    # the batches after the resume are those of the straight run (made there by a worker process that
+    # had made the earlier batches first: nothing but the position may decide a batch)
+    positions = range(STEPS // 2 * cfg.grad_accumulation_batches, STEPS * cfg.grad_accumulation_batches)
+    assert sorted(batches) == list(positions)
+    for p in positions:
+        assert_same_batch(batches[p], straight_batches[p])
+    # the run did train, with random state passing in play, so equality above means something
+    assert not torch.equal(halfway.model["rnnt.joint.out.weight"], straight.model["rnnt.joint.out.weight"])
+    assert len(straight.rsp_history) == len(cfg.augment.rsp_seq_len_freq)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(
+    corpus: Path, straight_run: tuple[TrainingCheckpoint, dict[int, Batch]], tmp_path: Path
+) -> None:
+    command: list[str | Path] = [
+        GHARIAL,
+        "train",
+        "--config",
+        corpus / "train.yaml",
+        "--run-dir",
+        tmp_path,
+        "--steps",
+        str(STEPS),
+    ]
+    checkpoints = tmp_path / "checkpoints"
+    # its own session, so that whatever the run started can be cleaned up by process group
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(checkpoints.glob("step_*.pt")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(run.pid, signal.SIGKILL)
+        # the batch worker must go with the trainer: communicate() waits for every holder of the pipes
+        run.communicate(timeout=30)
+    finally:
+        with_group_killed(run.pid)
+    assert run.returncode == -signal.SIGKILL
+    saved = sorted(int(p.stem.removeprefix("step_")) for p in checkpoints.glob("step_*.pt"))
+    assert saved and saved[-1] < STEPS, f"the run was not killed before its end: {saved}"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    events = [json.loads(line) for line in rerun.stderr.splitlines() if line.startswith('{"event"')]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed == [
+        {"event": "resumed", "checkpoint": str(checkpoints / f"step_{saved[-1]:07d}.pt"), "step": saved[-1]}
+    ]
+    final = TrainingCheckpoint.load(checkpoints / f"step_{STEPS:07d}.pt")
+    assert_same_training_state(final, straight_run[0])
+    logged = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["event"] == "step"][-STEPS + saved[-1] :] == list(
+        range(saved[-1] + 1, STEPS + 1)
+    )
+
+
+def with_group_killed(pgid: int) -> None:
+    """SIGKILL what is left of the process group this test started (none when all went well)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+# -- augmentations, one at a time -------------------------------------------------------------------
+def make_batch_maker(tokenizer_bytes: bytes, **augment: Any) -> BatchMaker:
+    """A BatchMaker with every augmentation off except those given."""
+    off: dict[str, Any] = {
+        "speed_perturbation": None,
+        "spec_freq_masks": 0,
+        "spec_time_masks": 0,
+        "prob_background_noise": 0.0,
+        "token_sampling": 0.0,
+    }
+    cfg = load_model_config("tiny")
+    return BatchMaker(
+        FeatureExtractor(cfg.features),
+        Tokenizer.from_bytes(tokenizer_bytes),
+        AugmentConfig(**(off | augment)),
+    )
+
+
+def power_db(x: Tensor) -> float:
+    return 10 * math.log10(float(x.double().pow(2).mean()))
+
+
+def band_power(audio: Tensor, low_hz: float, high_hz: float) -> float:
+    spectrum = torch.fft.rfft(audio.double()).abs().square()
+    freqs = torch.fft.rfftfreq(len(audio), 1 / RATE)
+    return float(spectrum[(freqs >= low_hz) & (freqs < high_hz)].sum())
+
+
+def peak_hz(audio: Tensor) -> float:
+    spectrum = torch.fft.rfft(audio.double() * torch.hann_window(len(audio), dtype=torch.float64)).abs()
+    return float(torch.fft.rfftfreq(len(audio), 1 / RATE)[spectrum.argmax()])
+
+
+def sine(hz: float, seconds: float, amplitude: float = 0.3) -> Tensor:
+    return amplitude * torch.sin(2 * math.pi * hz * torch.arange(int(seconds * RATE)) / RATE)
+
+
+@pytest.mark.parametrize("factor", [0.85, 0.9, 1.15])
+def test_speed_perturbation_changes_length_and_pitch_by_the_factor(
+    tiny_tokenizer_bytes: bytes, tmp_path: Path, factor: float
+) -> None:
+    audio = sine(1000, 1.5)
+    faster = change_speed(audio, factor)
+    assert abs(len(faster) - len(audio) / factor) <= 1
+    assert peak_hz(faster) == pytest.approx(1000 * factor, abs=2)
+    # through a batch: the configured range [f, f] makes the factor f
+    utt = write_audio(tmp_path / "sine.flac", audio).model_copy(update={"transcript": "fox"})
+    maker = make_batch_maker(tiny_tokenizer_bytes, speed_perturbation=(factor, factor))
+    batch = maker([utt], step=0, seed=1)
+    plain = maker([utt], step=0, seed=1, train=False)
+    assert plain.audio_seconds == 1.5
+    assert batch.audio_seconds == pytest.approx(1.5 / factor, abs=1 / RATE)
+    frames = math.ceil(1.5 / factor / 0.06)
+    assert batch.feature_lengths.tolist() == [2 * frames]
+
+
+def test_spec_augment_zeroes_mel_bands_in_every_stacked_frame_and_time_spans(
+    tiny_tokenizer_bytes: bytes, tmp_path: Path
+) -> None:
+    n_mels, stack = 40, 3
+    utt = write_audio(
+        tmp_path / "noise.flac", 0.1 * torch.randn(2 * RATE, generator=torch.Generator().manual_seed(0))
+    )
+    maker = make_batch_maker(
+        tiny_tokenizer_bytes, spec_freq_masks=2, spec_max_freq=6, spec_time_masks=3, spec_max_time=0.1
+    )
+    features = maker([utt.model_copy(update={"transcript": "fox"})], step=3, seed=1).features[0]
+    t = features.shape[0]
+    zero = features == 0
+    rows = zero.all(1)  # time masks
+    bins = zero[~rows].view(-1, stack, n_mels).all(0)  # [stack, n_mels]: bins zero wherever no time mask
+    assert torch.equal(bins[0], bins[1]) and torch.equal(bins[0], bins[2]), (
+        "the same bins in each stacked frame"
+    )
+    masked_bins, masked_rows = int(bins[0].sum()), int(rows.sum())
+    assert 0 < masked_bins <= 2 * 6
+    assert 0 < masked_rows <= 3 * int(0.1 * t)
+    # nothing else is zero: every zero lies in a masked band or a masked span
+    explained = rows[:, None] | bins[0].repeat(stack)[None, :]
+    assert torch.equal(zero, explained)
+
+    # the function itself, over many draws: one contiguous band and span, never wider than the limits
+    ones = torch.ones(50, stack * n_mels)
+    rng = random.Random(0)
+    band_widths, span_widths = set(), set()
+    for _ in range(300):
+        out = spec_augment(ones, n_mels, 1, 7, 1, 0.2, rng)
+        span = (out == 0).all(1).nonzero().flatten().tolist()
+        band = (out[(out != 0).any(1)].view(-1, stack, n_mels) == 0).all(0)
+        assert torch.equal(band[0], band[1]) and torch.equal(band[0], band[2])
+        band_bins = band[0].nonzero().flatten().tolist()
+        for masked in (span, band_bins):
+            assert masked == (list(range(masked[0], masked[0] + len(masked))) if masked else [])
+        band_widths.add(len(band_bins))
+        span_widths.add(len(span))
+    assert band_widths == set(range(8)) and span_widths == set(range(11))
+
+
+def test_noise_schedule_values() -> None:
+    a = AugmentConfig()
+    assert (a.noise_initial_low, a.noise_initial_high) == (30.0, 60.0)
+    assert BACKGROUND_FINAL_SNR == (0.0, 30.0) and BABBLE_FINAL_SNR == (15.0, 30.0)
+    initial = (30.0, 60.0)
+    for final, mid in [(BACKGROUND_FINAL_SNR, (15.0, 45.0)), (BABBLE_FINAL_SNR, (22.5, 45.0))]:
+        assert snr_range(0, initial, final, delay=100, ramp=50) == initial
+        assert snr_range(99, initial, final, delay=100, ramp=50) == initial
+        assert snr_range(100, initial, final, delay=100, ramp=50) == initial
+        assert snr_range(125, initial, final, delay=100, ramp=50) == mid
+        assert snr_range(150, initial, final, delay=100, ramp=50) == final
+        assert snr_range(10_000, initial, final, delay=100, ramp=50) == final
+        assert snr_range(100, initial, final, delay=100, ramp=0) == final
+
+
+@pytest.mark.parametrize("snr", [-5.0, 0.0, 12.5, 40.0])
+def test_mix_at_snr_is_exact(snr: float) -> None:
+    speech = sine(440, 1.0)
+    noise = 0.01 * torch.randn(3000, generator=torch.Generator().manual_seed(1))  # shorter: repeated
+    mixed = mix_at_snr(speech, noise, snr)
+    assert power_db(speech) - power_db(mixed - speech) == pytest.approx(snr, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [(0, (30.0, 60.0)), (99, (30.0, 60.0)), (125, (15.0, 45.0)), (150, (0.0, 30.0)), (900, (0.0, 30.0))],
+)
+def test_background_noise_follows_the_schedule(
+    tiny_tokenizer_bytes: bytes, step: int, expected: tuple[float, float]
+) -> None:
+    maker = make_batch_maker(
+        tiny_tokenizer_bytes, prob_background_noise=1.0, noise_delay_steps=100, noise_ramp_steps=50
+    )
+    speech = sine(440, 0.5)
+    snrs = []
+    for draw in range(40):
+        (noisy,) = maker.augment_audio([speech], step, random.Random(draw))
+        snrs.append(power_db(speech) - power_db(noisy - speech))
+    low, high = expected
+    assert all(low - 0.1 <= s <= high + 0.1 for s in snrs), (min(snrs), max(snrs))
+    third = (high - low) / 3
+    assert min(snrs) < low + third and max(snrs) > high - third, "drawn across the whole range"
+
+
+def test_babble_mixes_in_another_utterance_of_the_batch(tiny_tokenizer_bytes: bytes) -> None:
+    maker = make_batch_maker(
+        tiny_tokenizer_bytes, prob_babble_noise=1.0, noise_delay_steps=0, noise_ramp_steps=0
+    )
+    a, b = sine(440, 1.0), sine(1700, 0.7, amplitude=0.1)
+    out_a, out_b = maker.augment_audio([a, b], step=5, rng=random.Random(0))
+    for speech, other, out in [(a, b, out_a), (b, a, out_b)]:
+        assert len(out) == len(speech)
+        other = other.repeat(2)[: len(speech)]  # repeated to cover the speech, as documented
+        added = (out - speech).double()
+        gain = float(added @ other.double() / (other.double() @ other.double()))
+        assert gain > 0
+        assert torch.allclose(added, gain * other.double(), atol=1e-6), "the addition is the other utterance"
+        snr = power_db(speech) - power_db(out - speech)
+        assert BABBLE_FINAL_SNR[0] - 0.1 <= snr <= BABBLE_FINAL_SNR[1] + 0.1
+    (alone,) = maker.augment_audio([a], step=5, rng=random.Random(0))
+    assert torch.equal(alone, a), "no babble without another utterance"
+
+
+def test_narrowband_removes_energy_above_4khz(tiny_tokenizer_bytes: bytes) -> None:
+    maker = make_batch_maker(tiny_tokenizer_bytes, prob_train_narrowband=1.0)
+    wideband = 0.1 * torch.randn(RATE, generator=torch.Generator().manual_seed(2))
+    (out,) = maker.augment_audio([wideband], step=0, rng=random.Random(0))
+    assert torch.allclose(out, narrowband(wideband))
+    assert len(out) == len(wideband)
+    assert band_power(out, 4200, 8000) < 1e-4 * band_power(wideband, 4200, 8000)
+    assert band_power(out, 100, 3500) == pytest.approx(band_power(wideband, 100, 3500), rel=0.02)
+
+
+def test_token_sampling_changes_segmentation_not_text(tiny_tokenizer_bytes: bytes) -> None:
+    maker = make_batch_maker(tiny_tokenizer_bytes, token_sampling=1.0)
+    tokenizer = maker.tokenizer
+    text = "The big brown fox, the big brown FOX!"
+    best = tokenizer.encode(text)
+    samples = [maker.encode(text, random.Random(seed)) for seed in range(20)]
+    assert all(tokenizer.decode(s) == normalize_transcript(text) for s in samples)
+    assert sum(s != best for s in samples) >= 10, "most draws differ from the best segmentation"
+    assert len({tuple(s) for s in samples}) >= 5
+    assert samples == [maker.encode(text, random.Random(seed)) for seed in range(20)], "a function of the rng"
+    assert maker.encode(text, None) == best
+    assert make_batch_maker(tiny_tokenizer_bytes).encode(text, random.Random(0)) == best, (
+        "off by default here"
+    )
+
+
+def rsp_trainer(corpus: Path, run_dir: Path, **augment: Any) -> Trainer:
+    cfg = load_train_config(corpus / "train.yaml")
+    return Trainer(cfg.model_copy(update={"augment": cfg.augment.model_copy(update=augment)}), run_dir)
+
+
+def fake_state(batch: int, value: float) -> EncoderState:
+    x = torch.full((1, batch, 4), value)
+    return EncoderState(LSTMState(x, x), LSTMState(x, x))
+
+
+def test_random_state_passing_frequencies_and_delay(corpus: Path, tmp_path: Path) -> None:
+    trainer = rsp_trainer(corpus, tmp_path, rsp_delay=5, rsp_seq_len_freq=[2.0, 1.0, 1.0])
+    two_back, one_back = fake_state(2, 2.0), fake_state(2, 1.0)
+    trainer.rsp_history = [two_back, one_back]
+    rng = random.Random(0)
+    trainer.step = 4
+    assert all(trainer.rsp_state(2, rng) is None for _ in range(200)), "nothing before rsp_delay"
+    trainer.step = 5
+    draws = [trainer.rsp_state(2, rng) for _ in range(4000)]
+    share = {name: sum(d is s for d in draws) / len(draws) for name, s in [("1", one_back), ("2", two_back)]}
+    share["none"] = sum(d is None for d in draws) / len(draws)
+    assert share == pytest.approx({"none": 0.5, "1": 0.25, "2": 0.25}, abs=0.03)
+    assert all(trainer.rsp_state(3, rng) is None for _ in range(100)), "a state of another batch size"
+    trainer.rsp_history = [one_back]
+    assert not any(trainer.rsp_state(2, rng) is two_back for _ in range(200))
+
+    default = rsp_trainer(corpus, tmp_path / "default", rsp_delay=None, rsp_seq_len_freq=[0.0, 1.0])
+    o = default.cfg.optim
+    assert default.default_rsp_delay() == o.warmup_steps + o.hold_steps + 3 * o.half_life_steps
+    default.rsp_history = [one_back]
+    default.step = default.default_rsp_delay() - 1
+    assert default.rsp_state(2, rng) is None
+    default.step += 1
+    assert default.rsp_state(2, rng) is one_back
+
+
+def test_gradient_noise_decays_and_touches_only_the_encoder(corpus: Path, tmp_path: Path) -> None:
+    trainer = rsp_trainer(corpus, tmp_path, grad_noise=0.3, grad_noise_start=2)
+    for p in trainer.model.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.step = 1
+    trainer.add_grad_noise(torch.Generator().manual_seed(7))
+    assert all(not p.grad.any() for p in trainer.model.parameters() if p.grad is not None), "not before t0"
+
+    trainer.step = 6
+    sigma = 0.3 / (1 + 6 - 2) ** 0.55
+    trainer.add_grad_noise(torch.Generator().manual_seed(7))
+    replay = torch.Generator().manual_seed(7)
+    encoder = list(trainer.model.rnnt.encoder.parameters())
+    for p in encoder:
+        assert p.grad is not None
+        assert torch.allclose(p.grad, torch.randn(p.shape, generator=replay) * sigma, rtol=0, atol=1e-7)
+    noise = torch.cat([p.grad.flatten() for p in encoder if p.grad is not None])
+    assert float(noise.std()) == pytest.approx(sigma, rel=0.02)
+    encoder_ids = {id(p) for p in encoder}
+    others = [p for p in trainer.model.parameters() if id(p) not in encoder_ids]
+    assert others and all(p.grad is not None and not p.grad.any() for p in others)
+
+
+# -- delay penalty ----------------------------------------------------------------------------------
+def alignments(frames: int, tokens: int) -> list[tuple[int, ...]]:
+    """Every RNN-T alignment, as the frame of each token emission (non-decreasing)."""
+    return list(itertools.combinations_with_replacement(range(frames), tokens))
+
+
+def brute_force_loss(logits: Tensor, targets: list[int], blank: int, penalty: float) -> Tensor:
+    """-log Σ over alignments of P(alignment) · exp(λ Σ_emissions ((T−1)/2 − t)), by enumeration."""
+    log_probs = logits.log_softmax(-1)
+    frames = logits.shape[0]
+    scores = []
+    for emit_frames in alignments(frames, len(targets)):
+        score = log_probs.new_zeros(())
+        for u, t in enumerate(emit_frames):
+            score = score + log_probs[t, u, targets[u]] + penalty * ((frames - 1) / 2 - t)
+        for t in range(frames):  # after its emissions, every frame ends with a blank
+            score = score + log_probs[t, sum(f <= t for f in emit_frames), blank]
+        scores.append(score)
+    return -torch.logsumexp(torch.stack(scores), 0)
+
+
+def mean_emission_frame(logits: Tensor, targets: list[int], blank: int) -> float:
+    """Expected emission frame of a token under the (unpenalised) model's alignment posterior."""
+    log_probs = logits.log_softmax(-1)
+    frames = logits.shape[0]
+    weights, means = [], []
+    for emit_frames in alignments(frames, len(targets)):
+        score = sum(float(log_probs[t, u, targets[u]]) for u, t in enumerate(emit_frames))
+        score += sum(float(log_probs[t, sum(f <= t for f in emit_frames), blank]) for t in range(frames))
+        weights.append(math.exp(score))
+        means.append(sum(emit_frames) / len(emit_frames))
+    return sum(w * m for w, m in zip(weights, means, strict=True)) / sum(weights)
+
+
+def test_delay_penalty_moves_gradient_towards_earlier_emissions() -> None:
+    torch.manual_seed(0)
+    frames, targets, blank = 6, [1, 2], 3
+    base = torch.randn(1, frames, len(targets) + 1, 4, dtype=torch.float64)
+    lengths = (torch.tensor([frames]), torch.tensor([len(targets)]))
+    grads = {}
+    for penalty in (0.0, 0.5):
+        logits = base.clone().requires_grad_()
+        loss = rnnt_loss(
+            logits, torch.tensor([targets]), *lengths, blank, reduction="sum", delay_penalty=penalty
+        )
+        reference = base[0].clone().requires_grad_()
+        expected = brute_force_loss(reference, targets, blank, penalty)
+        assert float(loss.detach()) == pytest.approx(float(expected.detach()), abs=1e-9)
+        loss.backward()
+        expected.backward()
+        assert logits.grad is not None and reference.grad is not None
+        assert torch.allclose(logits.grad[0], reference.grad, atol=1e-9)
+        grads[penalty] = logits.grad[0]
+    before = mean_emission_frame(base[0], targets, blank)
+    after = {p: mean_emission_frame(base[0] - 0.5 * g, targets, blank) for p, g in grads.items()}
+    assert after[0.5] < after[0.0] - 0.05, (before, after)
+    assert after[0.5] < before
+
+
+# -- schedule and EMA --------------------------------------------------------------------------------
+def test_learning_rate_warmup_hold_decay() -> None:
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10, hold_steps=5, half_life_steps=4)
+    assert learning_rate(0, cfg) == 1e-5
+    assert learning_rate(5, cfg) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
+    assert learning_rate(9, cfg) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.9)
+    assert [learning_rate(s, cfg) for s in range(10, 16)] == [1e-3] * 6  # peak, then hold
+    assert learning_rate(19, cfg) == pytest.approx(0.5e-3)
+    assert learning_rate(23, cfg) == pytest.approx(0.25e-3)
+    assert learning_rate(17, cfg) == pytest.approx(1e-3 * 0.5**0.5)
+    assert learning_rate(10_000, cfg) == 1e-5, "never below min_lr"
+    no_warmup = cfg.model_copy(update={"warmup_steps": 0, "hold_steps": 0})
+    assert learning_rate(0, no_warmup) == 1e-3
+
+
+def test_ema_update_rule() -> None:
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(-1.0)
+    ema = EMA(model, decay=0.99)
+    assert all(not p.requires_grad for p in ema.model.parameters())
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.bias.fill_(1.0)
+    ema.update(model, step=0)  # d = min(0.99, 1/10) = 0.1
+    assert torch.allclose(ema.model.weight, torch.full((2, 3), 0.1 * 1 + 0.9 * 3))
+    assert torch.allclose(ema.model.bias, torch.full((2,), 0.1 * -1 + 0.9 * 1))
+    ema.update(model, step=20)  # d = 21/30 = 0.7
+    assert torch.allclose(ema.model.weight, torch.full((2, 3), 0.7 * 2.8 + 0.3 * 3))
+    ema.update(model, step=10_000)  # d = the decay
+    assert torch.allclose(ema.model.weight, torch.full((2, 3), 0.99 * 2.86 + 0.01 * 3))
+    assert torch.equal(model.weight, torch.full((2, 3), 3.0)), "the trained weights are untouched"
+
+
+# -- data order ---------------------------------------------------------------------------------------
+@settings(deadline=None, max_examples=60)
+@given(
+    n=st.integers(1, 150),
+    batch_size=st.integers(1, 12),
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 3),
+    durations_seed=st.integers(0, 100),
+)
+def test_batch_at_covers_each_utterance_once_per_epoch(
+    n: int, batch_size: int, seed: int, epoch: int, durations_seed: int
+) -> None:
+    rng = random.Random(durations_seed)
+    durations = [rng.choice([1.0, 2.5, 4.0, rng.uniform(0.5, 16)]) for _ in range(n)]
+    if n < batch_size:
+        with pytest.raises(ValueError, match="cannot fill one batch"):
+            batch_at(durations, batch_size, seed, 0)
+        return
+    per_epoch = len(epoch_batches(durations, batch_size, seed, epoch))
+    batches = [batch_at(durations, batch_size, seed, epoch * per_epoch + i) for i in range(per_epoch)]
+    assert batches == epoch_batches(durations, batch_size, seed, epoch)
+    assert all(len(b) == batch_size for b in batches)
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)), "no utterance twice in an epoch"
+    assert len(seen) == n - n % batch_size, "only the remainder of a full batch waits"
+    assert (
+        batch_at(durations, batch_size, seed, (epoch + 1) * per_epoch)
+        == epoch_batches(durations, batch_size, seed, epoch + 1)[0]
+    )
+    assert batches == [batch_at(durations, batch_size, seed, epoch * per_epoch + i) for i in range(per_epoch)]
+    # inside a bucket utterances are cut into batches in order of duration: little padding
+    if n <= batch_size * BUCKET_BATCHES:
+        spans = sorted((min(durations[i] for i in b), max(durations[i] for i in b)) for b in batches)
+        assert all(hi <= lo_next for (_, hi), (lo_next, _) in itertools.pairwise(spans))
+
+
+def test_batch_order_depends_on_seed_and_epoch() -> None:
+    durations = [1.0 + (i * 7919 % 100) / 10 for i in range(300)]
+    order = [batch_at(durations, 4, 1, p) for p in range(150)]
+    assert order == [batch_at(durations, 4, 1, p) for p in range(150)]
+    assert order != [batch_at(durations, 4, 2, p) for p in range(150)]
+    per_epoch = 300 // 4
+    assert order[:per_epoch] != order[per_epoch:]
+
+
+# -- run config ---------------------------------------------------------------------------------------
+def field_names(model: type[Any]) -> set[str]:
+    return set(model.model_fields)
+
+
+@pytest.mark.parametrize("model", ["inline", "tiny"])
+def test_run_config_has_every_default_and_reloads_equal(corpus: Path, tmp_path: Path, model: str) -> None:
+    raw = yaml.safe_load((corpus / "train.yaml").read_text())
+    if model == "tiny":
+        raw["model"] = "tiny"
+    minimal = {k: raw[k] for k in ("name", "model", "data")}  # every other setting a default
+    (corpus / f"minimal-{model}.yaml").write_text(yaml.safe_dump(minimal))
+    cfg = load_train_config(corpus / f"minimal-{model}.yaml")
+    path = write_run_config(cfg, tmp_path)
+    assert path == tmp_path / "tiny-test_run.yaml"
+    written = yaml.safe_load(path.read_text())
+    assert set(written) == field_names(TrainConfig)
+    for key, schema in [("data", DataConfig), ("optim", OptimConfig), ("augment", AugmentConfig)]:
+        assert set(written[key]) == field_names(schema), key
+    assert set(written["model"]) == field_names(ModelConfig)
+    parts = {
+        "features": FeatureConfig,
+        "encoder": EncoderConfig,
+        "predictor": PredictorConfig,
+        "joint": JointConfig,
+    }
+    for key, schema in parts.items():
+        assert set(written["model"][key]) == field_names(schema), key
+    assert written["optim"]["warmup_steps"] == 300 and written["augment"]["spec_time_masks"] == 10
+
+    reloaded = load_train_config(path)
+    if model == "inline":
+        assert reloaded == cfg
+    else:
+        assert reloaded == cfg.model_copy(update={"model": load_model_config("tiny")})
+    assert reloaded.resolved() == cfg.resolved()
+
+
+# -- export ---------------------------------------------------------------------------------------------
+def training_checkpoint(
+    tiny_config: ModelConfig, tokenizer_bytes: bytes, stats: MelStats
+) -> TrainingCheckpoint:
+    """A training checkpoint whose EMA weights emit tokens on tones and whose live weights are random."""
+    live = TrainingModel(tiny_config)
+    ema = TrainingModel(tiny_config)
+    ema.rnnt.load_state_dict(emitting_model(acoustic_gain=600).state_dict())
+    cfg = TrainConfig(
+        name="export-test",
+        model=tiny_config,
+        data=DataConfig(
+            train_manifests=[Path("train.json")], tokenizer=Path("t.model"), mel_stats=Path("m.json")
+        ),
+    )
+    optimizer = torch.optim.AdamW(live.parameters())
+    meta = TrainingCheckpointMeta(config=cfg, step=42)
+    return TrainingCheckpoint(
+        meta, live.state_dict(), ema.state_dict(), optimizer.state_dict(), tokenizer_bytes, stats
+    )
+
+
+def test_export_transcribes_like_the_training_checkpoints_ema_model(
+    tiny_config: ModelConfig, tiny_tokenizer_bytes: bytes, tmp_path: Path
+) -> None:
+    audios = [tone_utterance([1, 5, 9, 3]), tone_utterance([2, 7])]
+    raw = FeatureExtractor(tiny_config.features)
+    stats = MelStats.from_log_mels(torch.cat([raw.raw_log_mels(a) for a in audios]))
+    training_checkpoint(tiny_config, tiny_tokenizer_bytes, stats).save(tmp_path / "step.pt")
+
+    ckpt = TrainingCheckpoint.load(tmp_path / "step.pt")
+    export_checkpoint(ckpt).save(tmp_path / "model.hwckpt")
+    hw = HardwareCheckpoint.load(tmp_path / "model.hwckpt")
+    assert hw.meta.training_step == 42 and hw.meta.mel_stats == stats
+    assert hw.tokenizer_model == tiny_tokenizer_bytes
+    stt = SpeechToText(hw)
+
+    ema, live = TrainingModel(tiny_config), TrainingModel(tiny_config)
+    ema.load_state_dict(ckpt.ema)
+    live.load_state_dict(ckpt.model)
+    features = FeatureExtractor(tiny_config.features, ckpt.mel_stats)
+    for audio in audios:
+        exported = stt.transcribe(audio).tokens
+        direct = [t.id for t in Recognizer(ema.rnnt, GreedyDecoder(ema.rnnt)).transcribe(features(audio))]
+        assert exported, "the test model emits tokens on tones"
+        assert exported == direct
+        undecayed = [
+            t.id for t in Recognizer(live.rnnt, GreedyDecoder(live.rnnt)).transcribe(features(audio))
+        ]
+        assert exported != undecayed, "the EMA weights are exported, not the live ones"
+
+
+def test_export_cli_names_a_corrupt_training_checkpoint(
+    tiny_config: ModelConfig, tiny_tokenizer_bytes: bytes, tmp_path: Path
+) -> None:
+    good = tmp_path / "good.pt"
+    training_checkpoint(
+        tiny_config, tiny_tokenizer_bytes, MelStats.identity(tiny_config.features.n_mels)
+    ).save(good)
+    corrupt = tmp_path / "step_0000100.pt"
+    corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    out = subprocess.run(
+        [GHARIAL, "export", corrupt, "--out", tmp_path / "x.hwckpt"], capture_output=True, text=True
+    )
+    assert out.returncode == 2, out.stderr
+    assert str(corrupt) in out.stderr and "not a readable training checkpoint" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "x.hwckpt").exists()
