@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 
 from gharial.asr.config import ModelConfig
 from gharial.asr.features import FeatureExtractor
+from gharial.asr.text import normalize_transcript
 from gharial.asr.tokenizer import Tokenizer
 from gharial.data.manifest import ManifestError, Utterance, write_json_manifest
 from gharial.data.readers import read_audio_dir, read_utterances
@@ -25,6 +28,8 @@ from gharial.training.batch import BatchMaker
 from gharial.training.config import AugmentConfig, ConfigError, TrainConfig, load_train_config
 from gharial.training.trainer import load_training_data
 from tests.conftest import sentences
+
+GHARIAL = Path(sys.executable).parent / "gharial"
 
 RATE = 16000
 DURATIONS = (0.5, 0.8, 1.1, 1.4)
@@ -344,3 +349,20 @@ def test_tar_shards_round_trip_any_keys_and_transcripts(items: dict[str, str]) -
     assert [(u.id, u.transcript, u.duration) for u in utterances] == [
         (k, t.strip(), 0.01) for k, t in items.items()
     ]
+
+
+@pytest.mark.parametrize("fmt", ["json", "tar_file", "hf_disk"])
+def test_normalized_manifest_of_any_format_reads_back(
+    fmt: str, corpus: list[Source], formats: dict[str, str | Path], tmp_path: Path
+) -> None:
+    """`gharial data normalize` writes a JSON manifest (audio from archives extracted beside it)."""
+    out = tmp_path / "normalised" / "manifest.json"
+    out.parent.mkdir()
+    result = subprocess.run(
+        [str(GHARIAL), "data", "normalize", str(formats[fmt]), "-o", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    utterances = read_utterances(out)
+    assert [u.transcript for u in utterances] == [normalize_transcript(s.transcript) for s in corpus]
+    for utt, source in zip(utterances, corpus, strict=True):
+        assert np.array_equal(utt.load_audio(RATE).numpy(), source.samples)

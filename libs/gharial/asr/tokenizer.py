@@ -133,14 +133,11 @@ class Tokenizer:
         """Normalise then tokenize, so raw transcripts and normalised ones give the same ids."""
         return list(self._sp.encode(normalize_transcript(text), out_type=int))
 
-    def encode_sampled(self, text: str, alpha: float) -> list[int]:
-        """Like `encode`, but one segmentation sampled from all of them (subword regularisation;
-        smaller `alpha` samples more uniformly). Seed with `sentencepiece.set_random_generator_seed`."""
-        return list(
-            self._sp.encode(
-                normalize_transcript(text), out_type=int, enable_sampling=True, alpha=alpha, nbest_size=-1
-            )
-        )
+    def nbest_segmentations(self, word: str, n: int) -> list[tuple[tuple[int, ...], float]]:
+        """The `n` most probable segmentations of one normalised word, as (ids, log-probability),
+        sorted by ids so the list does not depend on sentencepiece's internal ordering."""
+        nbest = self._sp.nbest_encode_as_proto(word, nbest_size=n).nbests
+        return sorted((tuple(p.id for p in seg.pieces), float(seg.score)) for seg in nbest)
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]

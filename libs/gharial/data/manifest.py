@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import soundfile
@@ -118,11 +119,17 @@ def read_json_manifest(path: str | Path) -> list[Utterance]:
 
 def write_json_manifest(path: str | Path, utterances: list[Utterance], sample_rate: int = 16000) -> None:
     """Write `utterances` as a manifest at `path`; audio paths are stored relative to its folder.
+    Audio held in memory (from tar shards or datasets) is written out to `audio/` beside it first.
     `sample_rate` is declared for utterances whose own rate is unknown."""
     path = Path(path)
     entries = []
     for utt in utterances:
-        fname = Path(utt.audio).resolve().relative_to(path.parent.resolve())
+        audio = Path(utt.audio)
+        if utt.audio_bytes is not None:
+            audio = path.parent / "audio" / audio.name
+            audio.parent.mkdir(parents=True, exist_ok=True)
+            audio.write_bytes(utt.audio_bytes)
+        fname = Path(os.path.relpath(audio.resolve(), path.parent.resolve()))
         rate = utt.sample_rate or sample_rate
         entries.append(
             {

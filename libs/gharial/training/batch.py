@@ -38,6 +38,12 @@ class Batch:
     target_lengths: Tensor
     audio_seconds: float
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.features.to(device), self.feature_lengths.to(device), self.targets.to(device),
+            self.target_lengths.to(device), self.audio_seconds,
+        )  # fmt: skip
+
 
 class BatchMaker:
     def __init__(
@@ -128,8 +134,7 @@ def sample_segmentation(tokenizer: Tokenizer, transcript: str, alpha: float, rng
     `set_random_generator_seed`, which made batches depend on the process that built them."""
     ids: list[int] = []
     for word in normalize_transcript(transcript).split():
-        nbest = tokenizer._sp.nbest_encode_as_proto(word, nbest_size=TOKEN_SAMPLING_NBEST).nbests
-        options = sorted((tuple(p.id for p in n.pieces), float(n.score)) for n in nbest)
+        options = tokenizer.nbest_segmentations(word, TOKEN_SAMPLING_NBEST)
         best = max(score for _, score in options)
         weights = [math.exp(alpha * (score - best)) for _, score in options]
         ids += rng.choices(options, weights=weights)[0][0]

@@ -101,8 +101,9 @@ class TrainConfig(_Strict):
     val_utterances: int | None = Field(
         None, description="validate on the first N utterances of each manifest"
     )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a CUDA GPU when there is one")
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16 autocast where the device supports it"
+        "fp32", description="bf16: autocast mixed precision (CPU or GPU)"
     )
     freeze_encoder: bool = False
     fine_tune_from: Path | None = Field(

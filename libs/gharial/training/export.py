@@ -6,13 +6,16 @@ from pathlib import Path
 
 from gharial.asr.checkpoint import HardwareCheckpoint
 from gharial.asr.decoding.lm import NgramLM
-from gharial.training.checkpoint import TrainingCheckpoint
+from gharial.training.checkpoint import TrainingCheckpoint, TrainingCheckpointError
 from gharial.training.trainer import TrainingModel
 
 
 def export_checkpoint(ckpt: TrainingCheckpoint, ngram_lm: Path | None = None) -> HardwareCheckpoint:
     model = TrainingModel(ckpt.meta.config.architecture())
-    model.load_state_dict(ckpt.ema)
+    try:
+        model.load_state_dict(ckpt.ema)
+    except RuntimeError as err:  # shapes or names that do not match the checkpoint's own config
+        raise TrainingCheckpointError(f"EMA weights do not fit the model config: {err}") from err
     lm_bytes = None
     if ngram_lm is not None:
         lm_bytes = ngram_lm.read_bytes()

@@ -78,6 +78,16 @@ def load_training_data(cfg: TrainConfig, tokenizer: Tokenizer) -> list[Utterance
     return utterances
 
 
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """The training device; bf16 on a GPU without bf16 support is refused rather than emulated."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for, but torch sees no CUDA GPU")
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision: bf16 is not supported by this GPU; use fp32")
+    return device
+
+
 def write_run_config(cfg: TrainConfig, run_dir: Path) -> Path:
     """`<name>_run.yaml`: the config with every default written out and the model config inlined."""
     path = run_dir / f"{cfg.name}_run.yaml"
@@ -111,7 +121,8 @@ class Trainer:
             FeatureExtractor(self.model_cfg.features, self.mel_stats), self.tokenizer, cfg.augment, noise
         )
 
-        self.model = TrainingModel(self.model_cfg)
+        self.device = resolve_device(cfg)
+        self.model = TrainingModel(self.model_cfg).to(self.device)
         self.ema = EMA(self.model, cfg.optim.ema)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -193,6 +204,7 @@ class Trainer:
         """Summed RNN-T (+ CTC) loss of one micro-batch; backward runs here, slice by slice."""
         rnnt = self.model.rnnt
         stack = self.model_cfg.encoder.stack_time
+        batch = batch.to(self.device)
         enc, final_state = rnnt.encoder(batch.features, initial_state)
         enc_lengths = torch.div(batch.feature_lengths + stack - 1, stack, rounding_mode="floor")
         sos = batch.targets.new_full((batch.targets.shape[0], 1), rnnt.blank_id)
@@ -200,8 +212,8 @@ class Trainer:
         # Slices of the joint reuse encoder/predictor outputs through detached leaves, whose
         # gradients are then pushed through the encoder and predictor in one backward pass.
         enc_leaf, pred_leaf = enc.detach().requires_grad_(), pred.detach().requires_grad_()
-        total = torch.zeros(())
-        for rows in torch.arange(len(enc)).chunk(self.cfg.batch_split_factor):
+        total = torch.zeros((), device=self.device)
+        for rows in torch.arange(len(enc), device=self.device).chunk(self.cfg.batch_split_factor):
             t_max, u_max = int(enc_lengths[rows].max()), int(batch.target_lengths[rows].max())
             logits = rnnt.joint(enc_leaf[rows, :t_max], pred_leaf[rows, : u_max + 1])
             part = rnnt_loss(
@@ -247,7 +259,7 @@ class Trainer:
         sigma = a.grad_noise / (1 + self.step - start) ** GRAD_NOISE_DECAY
         for p in self.model.rnnt.encoder.parameters():
             if p.grad is not None:
-                p.grad.add_(torch.randn(p.grad.shape, generator=rng) * sigma)
+                p.grad.add_(torch.randn(p.grad.shape, generator=rng).to(p.grad.device) * sigma)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -277,7 +289,7 @@ class Trainer:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.cfg.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -416,7 +428,12 @@ def _profiler(run_dir: Path, steps: int) -> Iterator[Any]:
     if steps <= 0:
         yield None
         return
-    schedule = torch.profiler.schedule(wait=1, warmup=1, active=steps)
-    with torch.profiler.profile(schedule=schedule, record_shapes=False) as prof:
+
+    def write_table(prof: torch.profiler.profile) -> None:
+        (run_dir / "profile.txt").write_text(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        )
+
+    schedule = torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1)
+    with torch.profiler.profile(schedule=schedule, on_trace_ready=write_table) as prof:
         yield prof
-    (run_dir / "profile.txt").write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
