@@ -162,17 +162,21 @@ def test_cli_reads_manifests_and_text_and_excludes(tmp_path: Path) -> None:
     train = manifest(tmp_path / "train.json", ["The cat sat.", "Seven wizards!"])
     dev = manifest(tmp_path / "dev.json", ["seven WIZARDS"])
     text = tmp_path / "extra.txt"
-    text.write_text("a dog ran\n\n  \nthe dog sat\n")
+    text.write_text("a dog ran\n\n  \nthe dog sat\nThe cat sat\n")
     out = tmp_path / "lm.arpa"
     args = ["ngram", str(train), str(text), "--order", "2", "-o", str(out)]
     result = CliRunner().invoke(app, [*args, "--exclude-manifest", str(dev)])
     assert result.exit_code == 0, result.output
-    assert "from 3 sentences, 1 excluded" in result.output
+    assert "from 3 sentences of 5" in result.output  # one excluded, one repeat counted once
     arpa = out.read_text()
     assert arpa == build_arpa(["the cat sat", "a dog ran", "the dog sat"], order=2)
     assert "wizards" not in arpa
     assert CliRunner().invoke(app, args).exit_code == 0
     assert "seven wizards" in out.read_text()  # without the exclusion
+    assert CliRunner().invoke(app, [*args, "--no-unique"]).exit_code == 0
+    assert out.read_text() == build_arpa(
+        ["the cat sat", "seven wizards", "a dog ran", "the dog sat", "the cat sat"], order=2
+    )
     bad = CliRunner().invoke(app, ["ngram", str(tmp_path / "missing.json"), "-o", str(out)])
     assert bad.exit_code == 2 and "manifest not found" in bad.output
 

@@ -113,6 +113,9 @@ def ngram(
         float | None,
         typer.Option(min=0.0, max=1.0, help="one fixed Kneser-Ney discount (default: estimated per order)"),
     ] = None,
+    unique: Annotated[
+        bool, typer.Option(help="count each distinct sentence once (read prompts and digit sets repeat a lot)")
+    ] = True,
 ) -> None:
     """Estimate a word-level n-gram LM (interpolated modified Kneser-Ney) on normalised text, as ARPA.
 
@@ -150,6 +153,8 @@ def ngram(
     }
     normalised = [normalize_transcript(t) for t in texts]
     kept = [t for t in normalised if t not in excluded]
+    if unique:
+        kept = list(dict.fromkeys(kept))
     try:
         arpa = build_arpa(kept, order=order, discount=discount, min_count=min_count)
     except ValueError as err:
@@ -157,7 +162,7 @@ def ngram(
         raise typer.Exit(2) from err
     out.write_text(arpa, encoding="utf-8")
     counts = ", ".join(line.split()[1] for line in arpa.splitlines() if line.startswith("ngram "))
-    typer.echo(f"wrote {out} ({counts}) from {len(kept)} sentences, {len(texts) - len(kept)} excluded")
+    typer.echo(f"wrote {out} ({counts}) from {len(kept)} sentences of {len(texts)}")
 
 
 @app.command("mel-stats")
