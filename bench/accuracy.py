@@ -54,7 +54,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch / CTranslate2 star
 os.environ["HF_HUB_OFFLINE"] = "1"  # faster-whisper must never reach for the hub
 
 import json
-import platform
 import time
 import traceback
 from collections.abc import Callable
@@ -65,6 +64,7 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
+from machine import machine_info
 from rich.console import Console
 from rich.table import Table
 
@@ -359,20 +359,6 @@ def print_table(results: list[SystemResult], sets: list[TestSet]) -> None:
         "RTF: decode s / audio s on one thread, one utterance at a time (Gharial with --batched: up to 64\n"
         "in lock-step), model loading and audio reading excluded."
     )
-
-
-def machine_info() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg_start": os.getloadavg()[0],
-    }
 
 
 def package_versions() -> dict[str, str | None]:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -54,6 +53,7 @@ from typing import Annotated, Any
 
 import torch
 import typer
+from machine import machine_info
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -718,22 +718,6 @@ def print_int8(results: list[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "mkl": torch.backends.mkl.is_available(),
-        "quantized_engine": torch.backends.quantized.engine,
-        "loadavg_start": os.getloadavg()[0],
-    }
 
 
 def main(
