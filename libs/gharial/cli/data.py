@@ -114,7 +114,7 @@ def ngram(
         typer.Option(min=0.0, max=1.0, help="one fixed Kneser-Ney discount (default: estimated per order)"),
     ] = None,
     unique: Annotated[
-        bool, typer.Option(help="count each distinct sentence once (read prompts and digit sets repeat a lot)")
+        bool, typer.Option(help="count each distinct sentence once (read prompts and digit sets repeat)")
     ] = True,
 ) -> None:
     """Estimate a word-level n-gram LM (interpolated modified Kneser-Ney) on normalised text, as ARPA.
