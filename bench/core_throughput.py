@@ -66,6 +66,7 @@ from gharial.asr.features import FeatureExtractor, MelStats
 from gharial.asr.model import RNNT, count_parameters
 from gharial.asr.streaming import Recognizer
 from gharial.audio import load_audio
+from gharial.validation import edit_distance
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "core_throughput.json"
 DEFAULT_MANIFEST = Path("/work/shared/data/speech-dev/manifest.json")
@@ -547,15 +548,6 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # 4. int8
-
-
-def edit_distance(a: list[int], b: list[int]) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
 
 
 def speech_features(cfg: ModelConfig, manifest: Path, count: int) -> list[Tensor]:

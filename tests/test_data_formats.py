@@ -211,16 +211,14 @@ def train_config(manifest: Path, model: ModelConfig) -> TrainConfig:
     return TrainConfig.model_validate({"name": "formats", "model": model, "data": data})
 
 
-def test_missing_audio_file_is_named(
-    tmp_path: Path, tiny_config: ModelConfig, tiny_tokenizer_bytes: bytes
-) -> None:
+def test_missing_audio_file_is_named(tmp_path: Path, tiny_config: ModelConfig) -> None:
     write_manifest(tmp_path / "m.json", [("gone", tmp_path / "audio" / "gone.flac", "a lazy dog")])
     [utt] = read_utterances(tmp_path / "m.json")
     with pytest.raises(ValueError, match=r"utterance gone: audio file .*audio/gone\.flac not found"):
         utt.load_audio(RATE)
     cfg = train_config(tmp_path / "m.json", tiny_config)
     with pytest.raises(ManifestError, match=r"audio files are missing.*audio/gone\.flac"):
-        load_training_data(cfg, Tokenizer.from_bytes(tiny_tokenizer_bytes))
+        load_training_data(cfg)
 
 
 def test_wrong_sample_rate_is_named(tmp_path: Path) -> None:
@@ -234,9 +232,7 @@ def test_wrong_sample_rate_is_named(tmp_path: Path) -> None:
     assert len(utt.model_copy(update={"sample_rate": 8000}).load_audio(RATE)) == RATE // 2  # resampled
 
 
-def test_empty_transcript_names_manifest_and_utterance(
-    tmp_path: Path, tiny_config: ModelConfig, tiny_tokenizer_bytes: bytes
-) -> None:
+def test_empty_transcript_names_manifest_and_utterance(tmp_path: Path, tiny_config: ModelConfig) -> None:
     write_audio(tmp_path / "a.flac", 0.5, seed=0)
     write_manifest(
         tmp_path / "m.json",
@@ -244,7 +240,7 @@ def test_empty_transcript_names_manifest_and_utterance(
     )
     cfg = train_config(tmp_path / "m.json", tiny_config)
     with pytest.raises(ManifestError, match=r"m\.json: utterance blank has an empty transcript"):
-        load_training_data(cfg, Tokenizer.from_bytes(tiny_tokenizer_bytes))
+        load_training_data(cfg)
 
 
 def shard_cuts(shard: Path) -> dict[str, int]:

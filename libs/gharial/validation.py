@@ -10,9 +10,8 @@ are not counted as errors.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from functools import cache
-from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -24,6 +23,7 @@ from gharial.asr.decoding.base import Token
 from gharial.asr.pipeline import SpeechToText
 from gharial.asr.streaming import StreamingConfig
 from gharial.data.manifest import Utterance
+from gharial.training.config import TrainConfig
 
 MAX_INPUTS_PER_BATCH = 10_000_000  # encoder input values (frames × features) per batch
 MAX_BATCH = 64
@@ -41,8 +41,8 @@ def normalize_for_wer(text: str) -> list[str]:
     return _normalizer()(text).split()
 
 
-def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
-    """Levenshtein distance in words (substitutions + deletions + insertions)."""
+def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> int:
+    """Levenshtein distance (substitutions + deletions + insertions) between word or token sequences."""
     previous = list(range(len(hypothesis) + 1))
     for i, ref_word in enumerate(reference, 1):
         current = [i]
@@ -170,7 +170,7 @@ def _batches(
     return batches
 
 
-def validation_function(cfg: Any) -> Callable[[HardwareCheckpoint], float] | None:
+def validation_function(cfg: TrainConfig) -> Callable[[HardwareCheckpoint], float] | None:
     """For `gharial train`: WER (greedy) on the config's val_manifests, or None when it has none."""
     from gharial.data.readers import read_utterances
 

@@ -56,7 +56,7 @@ def validate(
     from gharial.asr.checkpoint import CheckpointError, HardwareCheckpoint
     from gharial.asr.pipeline import bundled_checkpoint
     from gharial.asr.streaming import StreamingConfig
-    from gharial.data.manifest import Utterance
+    from gharial.data.manifest import Utterance, require_audio_files
     from gharial.data.readers import read_utterances
     from gharial.validation import MAX_INPUTS_PER_BATCH
     from gharial.validation import validate as run_validation
@@ -67,9 +67,7 @@ def validate(
         utterances: list[Utterance] = []
         for path in manifest:
             utterances += read_utterances(path)
-        missing = [str(u.audio) for u in utterances if u.audio_bytes is None and not u.audio.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} audio files are missing, e.g. {', '.join(missing[:3])}")
+        require_audio_files(utterances)
         if not utterances:
             raise ValueError(f"no utterances in {', '.join(map(str, manifest))}")
         result = run_validation(

@@ -117,6 +117,13 @@ def read_json_manifest(path: str | Path) -> list[Utterance]:
     return utterances
 
 
+def require_audio_files(utterances: list[Utterance]) -> None:
+    """Refuse a data set whose audio files are not all there, before any work starts on it."""
+    missing = [str(u.audio) for u in utterances if u.audio_bytes is None and not u.audio.is_file()]
+    if missing:
+        raise ManifestError(f"{len(missing)} audio files are missing, e.g. {', '.join(missing[:3])}")
+
+
 def write_json_manifest(path: str | Path, utterances: list[Utterance], sample_rate: int = 16000) -> None:
     """Write `utterances` as a manifest at `path`; audio paths are stored relative to its folder.
     Audio held in memory (from tar shards or datasets) is written out to `audio/` beside it first.

@@ -29,11 +29,17 @@ import torch
 
 from gharial.asr.text import normalize_transcript
 from gharial.audio import load_audio
-from gharial.data.augment import change_speed, coloured_noise, mix_at_snr, narrowband, room_reverb
+from gharial.data.augment import (
+    SAMPLE_RATE,
+    change_speed,
+    coloured_noise,
+    mix_at_snr,
+    narrowband,
+    room_reverb,
+)
 from gharial.data.manifest import Utterance, write_json_manifest
 
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
-SAMPLE_RATE = 16000
 
 ESPEAK_ACCENTS = (
     "en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-us-nyc",

@@ -37,7 +37,7 @@ from gharial.asr.loss import rnnt_loss
 from gharial.asr.model import RNNT, EncoderState, LSTMState
 from gharial.asr.text import normalize_transcript
 from gharial.asr.tokenizer import Tokenizer
-from gharial.data.manifest import ManifestError, Utterance
+from gharial.data.manifest import ManifestError, Utterance, require_audio_files
 from gharial.data.readers import read_utterances
 from gharial.training.batch import Batch, BatchMaker
 from gharial.training.batches import batch_at
@@ -61,7 +61,7 @@ class TrainingModel(nn.Module):
         self.ctc_head = nn.Linear(cfg.encoder.hidden, cfg.vocab_size + 1)
 
 
-def load_training_data(cfg: TrainConfig, tokenizer: Tokenizer) -> list[Utterance]:
+def load_training_data(cfg: TrainConfig) -> list[Utterance]:
     """Every training utterance no longer than max_duration_s; refuses empty transcripts and missing audio."""
     utterances = []
     for manifest in cfg.data.train_manifests:
@@ -70,9 +70,7 @@ def load_training_data(cfg: TrainConfig, tokenizer: Tokenizer) -> list[Utterance
                 raise ManifestError(f"{manifest}: utterance {utt.id} has an empty transcript")
             if utt.duration <= cfg.data.max_duration_s:
                 utterances.append(utt)
-    missing = [str(u.audio) for u in utterances if u.audio_bytes is None and not u.audio.is_file()]
-    if missing:
-        raise ManifestError(f"{len(missing)} audio files are missing, e.g. {missing[:3]}")
+    require_audio_files(utterances)
     if not utterances:
         raise ManifestError("no training utterances (check train_manifests and max_duration_s)")
     return utterances
@@ -113,7 +111,7 @@ class Trainer:
                 f"{self.model_cfg.vocab_size}"
             )
         self.mel_stats = MelStats.model_validate_json(cfg.data.mel_stats.read_text())
-        self.utterances = load_training_data(cfg, self.tokenizer)
+        self.utterances = load_training_data(cfg)
         noise = sorted(
             p for p in (cfg.data.noise_dir or Path("/nonexistent")).rglob("*") if p.suffix in NOISE_SUFFIXES
         )
