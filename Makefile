@@ -25,6 +25,9 @@ ifneq ($(PROTO_SRC),)
 	mkdir -p $(PROTO_OUT)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
 		--grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
+	# protoc writes `import program_pb2`; inside a package that must be a relative import
+	sed -i -E 's/^import ([a-z_]+_pb2)( as|$$)/from . import \1\2/' $(PROTO_OUT)/*_pb2*.py $(PROTO_OUT)/*.pyi
+	echo '"""Generated gRPC stubs (make protos); do not edit."""' > $(PROTO_OUT)/__init__.py
 endif
 
 test: install
@@ -35,13 +38,13 @@ test-all: install
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check libs tests bench
-	$(BIN)/ruff format --check libs tests bench
+	$(BIN)/ruff check libs services tests bench
+	$(BIN)/ruff format --check libs services tests bench
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff check --fix libs tests bench
-	$(BIN)/ruff format libs tests bench
+	$(BIN)/ruff check --fix libs services tests bench
+	$(BIN)/ruff format libs services tests bench
 
 bench: install
 	$(BIN)/python bench/core_throughput.py
