@@ -1,0 +1,1 @@
+"""The accelerator card: its instruction set, programs, compiler, emulator arithmetic and timing model."""
