@@ -286,3 +286,18 @@ def _joint(b: _Builder, cfg: ModelConfig) -> list[Instruction]:
         AddBias(dst=logits, bias="joint.out.bias"),
         Argmax(dst=TOKEN_REGISTER, src=logits),
     ]
+
+
+def kernel_macs(layout: ProgramLayout, kernel: Kernel) -> int:
+    """Multiply-accumulates of one stream's run of `kernel`: its matvecs' rows x columns."""
+    total = 0
+    for ins in layout.kernels[kernel]:
+        if isinstance(ins, MatVec):
+            rows, cols = layout.tensor(ins.weight).shape
+            total += rows * cols
+    return total
+
+
+def macs_per_frame(layout: ProgramLayout) -> int:
+    """MACs of one 60 ms frame for one stream: the encoder plus one decoder step (joint + predictor)."""
+    return sum(kernel_macs(layout, k) for k in (Kernel.ENCODER, Kernel.JOINT, Kernel.PREDICTOR))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from gharial.cli import data, model, train, transcribe, validate
+from gharial.cli import compile, data, emulate, license, model, train, transcribe, validate
 
 app = typer.Typer(
     name="gharial",
@@ -15,10 +15,13 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(model.app, name="model")
+app.add_typer(emulate.app, name="emulate")
+app.add_typer(license.app, name="license")
 app.command("transcribe")(transcribe.transcribe)
 app.command("train")(train.train)
 app.command("export")(train.export)
 app.command("validate")(validate.validate)
+app.command("compile")(compile.compile_command)
 
 if __name__ == "__main__":
     app()

@@ -71,7 +71,9 @@ class GrpcServer:
         log_event(log, "server_started", grpc_port=self.port, metrics_port=self.metrics_port)
 
     def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ["", *self._service_names]:
             self.health.set(name, status)
 

@@ -1,0 +1,69 @@
+"""The card's number formats, and the quantization of a hardware checkpoint's weights into them.
+
+The scheme (the arithmetic itself is specified in `isa.py` and carried out by `executor.py`):
+
+- **Weights: int8, symmetric, one scale per output row.** ``scale = max|row| / 127`` (a row of
+  zeros gets scale 1), ``q = round_half_even(w / scale)`` in float32. An LSTM's gate matrix stacks
+  four gates whose rows have very different ranges, and the joint's output rows differ per token;
+  a scale per row keeps every output's error relative to its own row's range instead of the
+  largest weight in the matrix, at the cost of one float32 per row. Symmetric (no zero point) so
+  the MAC array multiplies plain int8 values.
+- **Activations: int8, symmetric, one scale per stream and vector, chosen on the card at run time**
+  (`quantize_rows` again, over each stream's input vector). No calibration data is needed and
+  nothing is clipped: every frame of every stream uses its own range.
+- **Accumulation: int32, exact.** A product of two int8 values is at most 127² = 16,129 in
+  magnitude, so a dot product of up to ``MAX_MATVEC_COLS`` terms cannot overflow. The result is
+  rescaled to float32 by ``s_x · s_w[row]``.
+- **Biases and all element-wise work (LSTM cell, ReLU, additions): float32.** They are a vanishing
+  share of the work and the cell's nonlinearities are where int8 would hurt most.
+- **State memory: float16.** Per-stream state (LSTM h and c, the projected prediction-network
+  output) is what limits how many streams a card holds; float16 halves it relative to float32 and
+  keeps 11 significant bits, plenty for h (in [-1, 1]) and the slowly varying cell state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gharial.accelerator.layout import ProgramLayout, TensorSpec
+
+INT8_MAX = 127
+MAX_MATVEC_COLS = (2**31 - 1) // INT8_MAX**2  # longest dot product int32 accumulation holds exactly
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantization of each row of x [N, D] → (int8 [N, D], float32 scales [N]).
+
+    Used for weights (rows = output channels) by the compiler and for activations (rows = streams)
+    by the card: ``x ≈ q · scale[:, None]``.
+    """
+    x = x.to(torch.float32)
+    scale = x.abs().amax(dim=1) / INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX)  # torch.round: half to even
+    return q.to(torch.int8), scale
+
+
+def quantize_tensors(layout: ProgramLayout, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every tensor of `layout` from the checkpoint's float32 `state_dict` (see TensorSpec's roles)."""
+    rows: dict[str, tuple[Tensor, Tensor]] = {}  # per source weight, quantized once for both specs
+
+    def quantized(spec: TensorSpec) -> tuple[Tensor, Tensor]:
+        (source,) = spec.sources
+        if source not in rows:
+            rows[source] = quantize_rows(state_dict[source])
+        return rows[source]
+
+    tensors: dict[str, Tensor] = {}
+    for spec in layout.tensors:
+        if spec.role == "weight":
+            tensors[spec.name] = quantized(spec)[0]
+        elif spec.role == "scale":
+            tensors[spec.name] = quantized(spec)[1]
+        else:
+            total = state_dict[spec.sources[0]].to(torch.float32).clone()
+            for source in spec.sources[1:]:
+                total += state_dict[source]
+            tensors[spec.name] = total
+    return tensors

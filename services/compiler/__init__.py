@@ -1,0 +1,1 @@
+"""The compiler service: hardware checkpoint in, program out, over gRPC (DESIGN §3)."""
