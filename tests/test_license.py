@@ -479,3 +479,23 @@ def test_cli_help_explains_every_flag(command: str, flags: list[str]) -> None:
     for flag in flags:
         line = next(line for line in out.stdout.splitlines() if f" {flag} " in line)
         assert len(line.split(flag, 1)[1].strip(" │")) > 10, line  # the flag has a description
+
+
+def test_cli_verify_reads_version_and_release_date_from_a_program(
+    lic_dir: Path, tmp_path: Path, tiny_tokenizer_bytes: bytes
+) -> None:
+    from gharial.accelerator.compiler import compile_checkpoint
+
+    from .conftest import emitting_model
+    from .test_program import checkpoint_of
+
+    program = tmp_path / "tiny.prog"
+    compile_checkpoint(checkpoint_of(emitting_model(), tiny_tokenizer_bytes)).save(program)
+    out = gharial(
+        "license", "verify", lic_dir, "--card-id", "card-0", "--program", program, "--today", "2026-03-01"
+    )
+    assert out.exit_code == 1  # the program (released 2026-11-25) is newer than the licence allows
+    assert "RELEASE_TOO_NEW" in out.stderr and "not 2026-11-25" in out.stderr
+    program.write_bytes(program.read_bytes()[:100])
+    out = gharial("license", "verify", lic_dir, "--card-id", "card-0", "--program", program)
+    assert out.exit_code == 2 and "tiny.prog" in out.stderr

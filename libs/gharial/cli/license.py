@@ -17,6 +17,7 @@ from uuid import uuid4
 
 import typer
 
+from gharial.accelerator.program import Program, ProgramError
 from gharial.licensing import (
     License,
     LicenseBody,
@@ -161,16 +162,33 @@ def verify(
         datetime | None,
         typer.Option(formats=DATE_FORMATS, metavar="YYYY-MM-DD", help="the program's release date"),
     ] = None,
+    program: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="a program file: its version and release date replace the two above",
+        ),
+    ] = None,
     today: TodayOption = None,
 ) -> None:
     """Check licences' signatures and expiry, or whether they allow a card to run a program.
 
-    With --card-id, --program-version and --release-date it answers that question: exit 0 and
-    "allowed: ..." when a licence allows it, else exit 1 and the reason. Without them it checks
-    every licence's signature and expiry: exit 1 if any is not valid."""
+    Given a card (--card-id) and a program (--program, or --program-version/--release-date) it answers
+    that question: exit 0 and "allowed: ..." when a licence allows it, else exit 1 and the reason.
+    Without them it checks every licence's signature and expiry: exit 1 if any is not valid."""
+    if program is not None:
+        try:
+            info = Program.load(program).info()
+        except ProgramError as err:
+            raise _fail(err) from err
+        program_version = info.program_version
+        release_date = datetime.fromisoformat(info.release_date)
     question = (card_id, program_version, release_date)
     if any(part is not None for part in question) and None in question:
-        raise typer.BadParameter("--card-id, --program-version and --release-date go together")
+        raise typer.BadParameter(
+            "--card-id and --program (or --program-version and --release-date) go together"
+        )
     key_path = public_key or default_public_key(path)
     try:
         if path.is_dir():
