@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -46,6 +45,7 @@ import gharial
 from gharial.accelerator.layout import ProgramLayout, macs_per_frame
 from gharial.asr.config import ModelConfig
 from gharial.asr.features import MelStats
+from gharial.files import atomic_write
 
 FORMAT_NAME: Final = "gharial-program"
 FORMAT_VERSION = 1
@@ -178,17 +178,9 @@ class Program:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temp file + rename): a crash never leaves a truncated program."""
-        path = Path(path)
         data = self.to_bytes()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            f.write(data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Program:

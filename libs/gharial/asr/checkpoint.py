@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -46,6 +45,7 @@ import gharial
 from gharial.asr.config import ModelConfig
 from gharial.asr.features import MelStats
 from gharial.asr.model import RNNT
+from gharial.files import atomic_write
 
 FORMAT_NAME: Final = "gharial-hardware-checkpoint"
 FORMAT_VERSION = 1
@@ -153,15 +153,8 @@ class HardwareCheckpoint:
             "ngram_lm": self.ngram_lm,
             "checksum": compute_checksum(meta, self.state_dict, self.tokenizer_model, self.ngram_lm),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(contents, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            torch.save(contents, f)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> HardwareCheckpoint:

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from gharial.asr.features import MelStats
+from gharial.files import atomic_write
 from gharial.training.config import TrainConfig
 
 FORMAT_VERSION = 1
@@ -60,21 +61,19 @@ class TrainingCheckpoint:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary file, then rename): a run killed mid-save leaves the old file."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(
-            {
-                "meta": self.meta.model_dump_json(),
-                "model": self.model,
-                "ema": self.ema,
-                "optimizer": self.optimizer,
-                "tokenizer_model": torch.frombuffer(bytearray(self.tokenizer_model), dtype=torch.uint8),
-                "mel_stats": self.mel_stats.model_dump_json(),
-                "rsp_history": self.rsp_history,
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            torch.save(
+                {
+                    "meta": self.meta.model_dump_json(),
+                    "model": self.model,
+                    "ema": self.ema,
+                    "optimizer": self.optimizer,
+                    "tokenizer_model": torch.frombuffer(bytearray(self.tokenizer_model), dtype=torch.uint8),
+                    "mel_stats": self.mel_stats.model_dump_json(),
+                    "rsp_history": self.rsp_history,
+                },
+                f,
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TrainingCheckpoint:
