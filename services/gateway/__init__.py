@@ -1,0 +1,1 @@
+"""The websocket gateway service (`gharial-gateway`); the logic lives in `gharial.gateway`."""

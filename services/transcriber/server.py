@@ -1,0 +1,342 @@
+"""`gharial-transcriber`: one card worker (DESIGN §1), serving `gharial.v1.Transcriber` over gRPC.
+
+    gharial-transcriber --cpu-backend [--checkpoint en-small.hwckpt] [--beam-width 4]
+    gharial-transcriber --emulator 127.0.0.1:50051 --program en-small.prog --license-service 127.0.0.1:50053
+
+The accelerator backend (the default) refuses to start unless the card's licence allows the
+program. With `--redis-url` the worker registers itself for the gateway's load balancer. On SIGTERM
+it drains: health and registration say so, new streams are refused, open ones get
+`--drain-seconds` to finish and the rest end with UNAVAILABLE; then it exits 0. Every flag can
+also be set as GHARIAL_TRANSCRIBER_<FLAG>, e.g. GHARIAL_TRANSCRIBER_MAX_STREAMS.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from gharial.accelerator.program import Program, ProgramError
+from gharial.asr.checkpoint import HardwareCheckpoint
+from gharial.asr.decoding.beam import BeamConfig
+from gharial.asr.pipeline import SpeechToText, bundled_checkpoint
+from gharial.asr.streaming import StreamingConfig
+from gharial.balancer import WorkerRecord, WorkerRegistration
+from gharial.plumbing.grpc_server import GrpcServer
+from gharial.plumbing.logs import configure_logging, log_event
+from gharial.protos import transcriber_pb2_grpc
+from gharial.transcription.accelerator import AcceleratorBackend, CardConnection
+from gharial.transcription.backend import Backend, BackendError
+from gharial.transcription.cpu import CpuBackend
+from gharial.transcription.license_check import LicenseUnavailable, ask_license_service, check_license_dir
+from gharial.transcription.metrics import LICENSE_ALLOWED
+from gharial.transcription.service import SERVICE_NAME, ServedModel, TranscriberServicer
+
+log = logging.getLogger(__name__)
+
+# gRPC handler threads beyond one per stream: GetWorkerInfo, health checks, refusals
+SPARE_THREADS = 16
+
+
+class StartupError(Exception):
+    """The worker cannot start; the message says why (printed, logged, exit status 2)."""
+
+
+def _env(flag: str) -> str:
+    return f"GHARIAL_TRANSCRIBER_{flag.upper()}"
+
+
+def cpu_backend(
+    checkpoint: Path | None, beam_width: int, lm_scale: float, streaming: StreamingConfig, max_streams: int
+) -> CpuBackend:
+    try:
+        ckpt = HardwareCheckpoint.load(checkpoint or bundled_checkpoint())
+    except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError
+        raise StartupError(str(error)) from error
+    beam = BeamConfig(width=beam_width, lm_scale=lm_scale) if beam_width > 1 else None
+    return CpuBackend(SpeechToText(ckpt, beam_width=beam_width, streaming=streaming, beam=beam), max_streams)
+
+
+def accelerator_backend(
+    emulator: str,
+    card_id: str | None,
+    program_path: Path | None,
+    license_service: str | None,
+    license_dir: Path | None,
+    public_key: Path | None,
+    streaming: StreamingConfig,
+    max_streams: int,
+) -> AcceleratorBackend:
+    """Connect to the card, check its licence for the program, then make sure the card runs it."""
+    if program_path is None:
+        raise StartupError("the accelerator backend needs --program (make one with `gharial compile`)")
+    if license_service is None and license_dir is None:
+        raise StartupError("the accelerator backend needs a licence: --license-service or --license-dir")
+    try:
+        data = program_path.read_bytes()
+        program = Program.from_bytes(data, where=program_path)
+    except (OSError, ProgramError) as error:
+        raise StartupError(f"program: {error}") from error
+    card = CardConnection(emulator)
+    try:
+        info = card.info()
+        if card_id is not None and info.card_id != card_id:
+            raise StartupError(f"the card at {emulator} is {info.card_id!r}, not --card-id {card_id!r}")
+        if license_service is not None:
+            decision = ask_license_service(license_service, info.card_id, program.meta)
+        else:
+            assert license_dir is not None
+            decision = check_license_dir(license_dir, public_key, info.card_id, program.meta)
+        LICENSE_ALLOWED.labels(card_id=info.card_id, verdict=decision.verdict).set(int(decision.allowed))
+        log_event(log, "license_checked", card_id=info.card_id, **decision.model_dump())
+        if not decision.allowed:
+            raise StartupError(f"licence refused ({decision.verdict}): {decision.reason}")
+        card_streams = card.load(data, program)
+    except (BackendError, LicenseUnavailable, StartupError) as error:
+        card.close()
+        raise StartupError(str(error)) from error
+    return AcceleratorBackend(card, program, streaming, min(max_streams, card_streams))
+
+
+def advertised_host(host: str) -> str:
+    """Where other machines reach a server bound to `host`."""
+    return socket.gethostname() if host in ("", "0.0.0.0", "::", "[::]") else host
+
+
+def serve(
+    cpu_backend_flag: Annotated[
+        bool,
+        typer.Option(
+            "--cpu-backend",
+            envvar=_env("cpu_backend"),
+            help="Run the model on the CPU from a hardware checkpoint (no card, no licence) instead of "
+            "on an accelerator card.",
+        ),
+    ] = False,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            envvar=_env("checkpoint"),
+            help="CPU backend: hardware checkpoint to run; default: the bundled model in models/.",
+        ),
+    ] = None,
+    beam_width: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar=_env("beam_width"),
+            help="CPU backend: beam search with this many hypotheses (with the checkpoint's n-gram LM "
+            "and keyword boosting); 1 decodes greedily. The accelerator backend always decodes greedily "
+            "on the card: beam search there is not available in this version.",
+        ),
+    ] = 1,
+    beam_decoder: Annotated[
+        bool,
+        typer.Option(
+            "--beam-decoder/--no-beam-decoder",
+            envvar=_env("beam_decoder"),
+            help="--no-beam-decoder forces greedy decoding whatever --beam-width says.",
+        ),
+    ] = True,
+    lm_scale: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            envvar=_env("lm_scale"),
+            help="Beam search: weight of the checkpoint's n-gram LM (if any).",
+        ),
+    ] = BeamConfig().lm_scale,
+    state_resets: Annotated[
+        bool,
+        typer.Option(
+            "--state-resets/--no-state-resets",
+            envvar=_env("state_resets"),
+            help="Reset the model state every --sr-segment seconds (keeps long streams accurate).",
+        ),
+    ] = True,
+    sr_segment: Annotated[
+        float, typer.Option(min=0.0, envvar=_env("sr_segment"), help="State reset period in seconds.")
+    ] = 15.0,
+    sr_overlap: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            envvar=_env("sr_overlap"),
+            help="CPU backend: seconds of audio a fresh state warms up on before each reset. The "
+            "accelerator resets without overlap (the card holds one state per stream).",
+        ),
+    ] = 3.0,
+    card_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("card_id"),
+            help="Accelerator: the card's ID; start-up fails if the card at --emulator has another. "
+            "Default: whatever card is there.",
+        ),
+    ] = None,
+    emulator: Annotated[
+        str, typer.Option(envvar=_env("emulator"), help="Accelerator: the card's gRPC address (host:port).")
+    ] = "127.0.0.1:50051",
+    program: Annotated[
+        Path | None,
+        typer.Option(
+            envvar=_env("program"),
+            help="Accelerator: program file (from `gharial compile`); loaded onto the card unless it "
+            "already runs it. Its mel stats and tokenizer are used on the host.",
+        ),
+    ] = None,
+    license_service: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("license_service"), help="Accelerator: address of the licence service (host:port)."
+        ),
+    ] = None,
+    license_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar=_env("license_dir"),
+            help="Accelerator: verify the card's licence here from this directory of *.lic files "
+            "instead of asking --license-service.",
+        ),
+    ] = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar=_env("public_key"),
+            help="With --license-dir: the vendor's public key; default LICENSE_DIR/vendor.pub.",
+        ),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("redis_url"), help="Register this worker in Redis for the gateway's load balancer."
+        ),
+    ] = None,
+    worker_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("worker_id"),
+            help="CPU backend: the worker's ID; default cpu-<hostname>-<port>. An accelerator worker's ID "
+            "is its card's.",
+        ),
+    ] = None,
+    advertise_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("advertise_address"),
+            help="Address the gateway reaches this worker at; default host:port.",
+        ),
+    ] = None,
+    model_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("model_id"), help="Model id streams ask for; default the architecture's name."
+        ),
+    ] = None,
+    model_version: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("model_version"), help="Model version served; streams asking for 'latest' match too."
+        ),
+    ] = "1",
+    lang: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("lang"), help="BCP 47 language of the model; streams asking for another are refused."
+        ),
+    ] = "en-US",
+    max_streams: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar=_env("max_streams"),
+            help="Streams taken at once (the accelerator: at most what the card's state memory holds).",
+        ),
+    ] = 256,
+    drain_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            envvar=_env("drain_seconds"),
+            help="On SIGTERM, how long open streams may take to finish before they end with UNAVAILABLE.",
+        ),
+    ] = 30.0,
+    host: Annotated[str, typer.Option(envvar=_env("host"), help="Address to serve gRPC and /metrics on.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[
+        int, typer.Option(min=0, envvar=_env("port"), help="gRPC port (0: any free port).")
+    ] = 50054,
+    metrics_port: Annotated[
+        int,
+        typer.Option(min=0, envvar=_env("metrics_port"), help="Prometheus /metrics port (0: any free port)."),
+    ] = 9094,
+    log_level: Annotated[
+        str, typer.Option(envvar=_env("log_level"), help="debug, info, warning or error.")
+    ] = "info",
+) -> None:
+    """Serve gharial.v1.Transcriber: streaming transcription on an accelerator card or the CPU."""
+    configure_logging("transcriber", log_level)
+    try:
+        streaming = StreamingConfig(sr_segment_s=sr_segment if state_resets else 0.0, sr_overlap_s=sr_overlap)
+        backend: Backend
+        if cpu_backend_flag:
+            width = beam_width if beam_decoder else 1
+            backend = cpu_backend(checkpoint, width, lm_scale, streaming, max_streams)
+        else:
+            if beam_decoder and beam_width > 1:
+                log_event(log, "beam_search_unavailable", logging.WARNING, reason="the card decodes greedily")
+            backend = accelerator_backend(
+                emulator, card_id, program, license_service, license_dir, public_key, streaming, max_streams
+            )
+    except (StartupError, ValidationError) as error:
+        log_event(log, "startup_failed", logging.ERROR, reason=str(error))
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+
+    served = ServedModel(model_id=model_id or backend.model.name, version=model_version, lang=lang)
+    servicer = TranscriberServicer(backend, served, backend.max_streams)
+    server = GrpcServer("transcriber", host, port, max_workers=backend.max_streams + SPARE_THREADS)
+    server.add_service(transcriber_pb2_grpc.add_TranscriberServicer_to_server, servicer, SERVICE_NAME)
+    server.start(metrics_port=metrics_port)
+    if isinstance(backend, AcceleratorBackend):
+        servicer.worker_id = backend.card.card_id
+    else:
+        servicer.worker_id = worker_id or f"cpu-{socket.gethostname()}-{server.port}"
+    registration = None
+    if redis_url is not None:
+        record = WorkerRecord(
+            worker_id=servicer.worker_id,
+            address=advertise_address or f"{advertised_host(host)}:{server.port}",
+            models=[served.model_id],
+            capacity=backend.max_streams,
+        )
+        registration = WorkerRegistration(redis_url, record)
+        registration.start()
+    log_event(
+        log,
+        "transcriber_ready",
+        worker_id=servicer.worker_id,
+        backend=backend.kind,
+        model=served.model_id,
+        version=served.version,
+        max_streams=backend.max_streams,
+    )
+
+    def shutdown() -> None:
+        if registration is not None:
+            registration.set_draining(True)
+        servicer.drain(drain_seconds)
+        if registration is not None:
+            registration.stop()
+        backend.close()
+
+    server.run_until_signal(on_shutdown=shutdown)
+
+
+def main() -> None:
+    typer.run(serve)
