@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/*.proto)
 PROTO_OUT := libs/gharial/protos
 
-.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy
+.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy demo
 
 install: $(STAMP)
 
@@ -72,6 +72,13 @@ $(SYNTH):
 # Train (or resume) the bundled model's recipe; checkpoints and logs go to runs/en-small/.
 train: data
 	$(BIN)/gharial train --config models/en-small/train.yaml
+
+# The whole stack on loopback (Redis, licence, compiler, emulated card, transcriber, gateway) with
+# the bundled model; streams an example recording through the websocket API and prints the
+# transcript as it arrives, then stays up until Ctrl-C. Flags through ARGS, e.g. ARGS="--cards 2".
+DEMO_AUDIO := clients/examples/cathy-arctic-b0460.flac
+demo: install
+	$(BIN)/gharial up --then-stream $(DEMO_AUDIO) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from gharial.cli import client, compile, data, emulate, license, model, train, transcribe, validate
+from gharial.cli import client, compile, data, emulate, license, model, train, transcribe, up, validate
 
 app = typer.Typer(
     name="gharial",
@@ -23,6 +23,7 @@ app.command("export")(train.export)
 app.command("validate")(validate.validate)
 app.command("compile")(compile.compile_command)
 app.command("client")(client.client)
+app.command("up")(up.up)
 
 if __name__ == "__main__":
     app()
