@@ -17,9 +17,8 @@ def test_up_serves_the_example_through_the_gateway_and_stops_cleanly(tmp_path: P
     stack.up()
     try:
         names = [name for name, _ in stack.summary()]
-        assert names == [
-            "redis", "license", "compiler", "emulator-0", "transcriber-0", "emulator-1", "transcriber-1", "gateway"
-        ]  # fmt: skip
+        cards = ["emulator-0", "transcriber-0", "emulator-1", "transcriber-1"]
+        assert names == ["redis", "license", "compiler", *cards, "gateway"]
         assert (tmp_path / "licences" / "card-1.lic").exists() and (tmp_path / "model.prog").exists()
         host, port = stack.gateway_address
         done = subprocess.run(
