@@ -355,3 +355,22 @@ def test_service_refuses_a_corrupt_program_file(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "bad.prog" in done.stderr and "program" in done.stderr
+
+
+def test_state_memory_is_allocated_as_streams_open(
+    profile: CardProfile, program: Program, frames: list[np.ndarray]
+) -> None:
+    card = make_card(profile, program)
+    results = Results()
+    try:
+        assert card.max_streams > 10_000  # the profile's memory holds far more than is allocated
+        streams = [card.open_stream() for _ in range(150)]  # past the first allocation (64 rows)
+        expected = expected_tokens(program, frames[0][:1])[0]
+        for s in (streams[0], streams[-1]):
+            card.submit(s, 0, frames[0][0].tobytes(), False, results)
+            assert results.get().tokens == expected
+        card.close_stream(streams[3])
+        card.open_stream()  # reuses the closed row
+        assert card.streams_open == 150
+    finally:
+        card.shutdown()

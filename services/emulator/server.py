@@ -20,7 +20,7 @@ from typing import Annotated, NoReturn
 import grpc
 import typer
 
-from gharial.accelerator.card import Card, CardError, CardMode, FrameOutcome
+from gharial.accelerator.card import BATCH_WINDOW_MS, Card, CardError, CardMode, FrameOutcome
 from gharial.accelerator.profile import load_profile
 from gharial.accelerator.program import ProgramError
 from gharial.accelerator.wire import program_info_to_proto
@@ -54,7 +54,7 @@ class AcceleratorServicer(accelerator_pb2_grpc.AcceleratorServicer):
             max_streams=card.max_streams,
             state_memory_bytes=card.profile.state_memory_bytes,
             state_memory_used_bytes=card.state_memory_used,
-            batch_window_ms=60.0,
+            batch_window_ms=BATCH_WINDOW_MS,
         )
 
     def LoadProgram(

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CardMode = Literal["compute", "timing_only"]
 BATCH_WINDOW_MS = 60.0
+_INITIAL_ROWS = 64  # state-memory rows allocated at program load; more as streams open
 
 
 class FrameErrorCode(IntEnum):
@@ -154,7 +155,8 @@ class Card:
         self._timing: TimingModel | None = None
         self._state: CardState | None = None
         self._streams: dict[int, _Stream] = {}
-        self._free_rows: list[int] = []
+        self._free_rows: list[int] = []  # rows of closed streams, reused first
+        self._next_row = 0  # rows below it have been used
         self._pending: list[_PendingFrame] = []
         self._next_stream_id = 1
         self._batch_id = 0
@@ -179,9 +181,8 @@ class Card:
                 self._close_locked(stream_id, "a new program was loaded")
             self._program, self._info = program, program.info()
             self._executor, self._timing = executor, timing
-            capacity = self.max_streams
-            self._state = executor.new_state(capacity) if executor is not None else None
-            self._free_rows = list(range(capacity - 1, -1, -1))
+            self._state = executor.new_state(_INITIAL_ROWS) if executor is not None else None
+            self._free_rows, self._next_row = [], 0
             self._update_occupancy()
         log_event(
             log,
@@ -218,13 +219,13 @@ class Card:
         with self._lock:
             if self._info is None or self._program is None:
                 raise CardError("FAILED_PRECONDITION", f"card {self.card_id} has no program loaded")
-            if not self._free_rows:
+            if not self._free_rows and self._next_row >= self.max_streams:
                 raise CardError(
                     "RESOURCE_EXHAUSTED",
                     f"card {self.card_id} state memory is full: {self.max_streams} streams of "
                     f"{self._info.state_bytes_per_stream} bytes open",
                 )
-            row = self._free_rows.pop()
+            row = self._free_rows.pop() if self._free_rows else self._take_new_row()
             limit = max_symbols or self._program.meta.layout.max_symbols_per_step
             stream_id = self._next_stream_id
             self._next_stream_id += 1
@@ -234,6 +235,13 @@ class Card:
             self._update_occupancy()
         log_event(log, "stream_opened", card_id=self.card_id, stream_id=stream_id, row=row)
         return stream_id
+
+    def _take_new_row(self) -> int:
+        """A never-used row; the host-side copy of the state memory doubles when it runs out."""
+        row, self._next_row = self._next_row, self._next_row + 1
+        if self._state is not None and row >= self._state.capacity:
+            self._state.grow(min(self.max_streams, 2 * self._state.capacity))
+        return row
 
     def close_stream(self, stream_id: int) -> int:
         """Free a stream's state; its waiting frame (if any) is answered STREAM_CLOSED. → frames run."""

@@ -69,6 +69,17 @@ class CardState:
         self.capacity = capacity
         self.slots = {s.name: torch.zeros(capacity, s.size, dtype=torch.float16) for s in layout.state_slots}
 
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` rows, keeping every existing row (the emulator allocates its state
+        memory as streams open rather than all of it up front)."""
+        if capacity <= self.capacity:
+            return
+        for name, slot in self.slots.items():
+            bigger = torch.zeros(capacity, slot.shape[1], dtype=slot.dtype)
+            bigger[: self.capacity] = slot
+            self.slots[name] = bigger
+        self.capacity = capacity
+
 
 @dataclass
 class BatchOutput:

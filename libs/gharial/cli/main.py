@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import typer
 
-from gharial.cli import client, compile, data, emulate, license, model, train, transcribe, up, validate
+from gharial.cli import (
+    client,
+    compile,
+    data,
+    emulate,
+    license,
+    live,
+    model,
+    perf,
+    train,
+    transcribe,
+    up,
+    validate,
+)
 
 app = typer.Typer(
     name="gharial",
@@ -24,6 +37,8 @@ app.command("validate")(validate.validate)
 app.command("compile")(compile.compile_command)
 app.command("client")(client.client)
 app.command("up")(up.up)
+app.command("perf")(perf.perf)
+app.command("live")(live.live)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,1 @@
+"""Client programs that drive a running gateway (the performance client)."""
