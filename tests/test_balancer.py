@@ -94,6 +94,15 @@ def test_claims_go_to_the_least_loaded_worker(register: Register, balancer: Load
     assert balancer.claim_count("card-0") == 3 and balancer.claim_count("card-1") == 3
 
 
+def test_claims_pass_over_workers_that_failed_the_stream(register: Register, balancer: LoadBalancer) -> None:
+    register("card-0")
+    register("card-1")
+    # card-0 is the least loaded, but the stream just failed there (a dead card behind it)
+    moved = balancer.claim("en", avoid=["card-0:50051"])
+    assert moved is not None and moved.worker_id == "card-1"
+    assert balancer.claim("en", avoid=["card-0:50051", "card-1:50051"]) is None
+
+
 def test_only_workers_serving_the_model_are_chosen(register: Register, balancer: LoadBalancer) -> None:
     register("card-0", models=("en",))
     register("card-1", models=("de", "fr"))

@@ -64,11 +64,14 @@ local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 """
 
-# ARGV: prefix, model, claim ID, lease in ms. Returns {worker ID, address} or nil (no capacity).
+# ARGV: prefix, model, claim ID, lease in ms, then addresses to avoid. Returns {worker ID, address}
+# or nil (no capacity).
 _CLAIM = (
     _NOW
     + """
 local prefix, model, claim_id, lease_ms = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local avoid = {}
+for i = 5, #ARGV do avoid[ARGV[i]] = true end
 local index = prefix .. 'workers'
 local best_id, best_load, best_address
 for _, id in ipairs(redis.call('SMEMBERS', index)) do
@@ -83,7 +86,7 @@ for _, id in ipairs(redis.call('SMEMBERS', index)) do
     for _, name in ipairs(worker.models) do
       if name == model then serves = true end
     end
-    if serves and not worker.draining then
+    if serves and not worker.draining and not avoid[worker.address] then
       local load = redis.call('ZCARD', claims)
       if load < worker.capacity
           and (best_id == nil or load < best_load or (load == best_load and id < best_id)) then
@@ -313,11 +316,12 @@ class LoadBalancer:
         self._status = self._redis.register_script(_STATUS)
         self._count = self._redis.register_script(_COUNT)
 
-    def claim(self, model: str) -> Claim | None:
-        """A slot on the least-loaded live worker serving `model`, or None when all are full."""
+    def claim(self, model: str, avoid: Iterable[str] = ()) -> Claim | None:
+        """A slot on the least-loaded live worker serving `model`, or None when all are full.
+        Workers at the addresses in `avoid` (ones that just failed this stream) are passed over."""
         claim_id = uuid.uuid4().hex
         try:
-            reply = self._claim(args=[self.prefix, model, claim_id, self._lease_ms])
+            reply = self._claim(args=[self.prefix, model, claim_id, self._lease_ms, *avoid])
         except redis.RedisError as error:
             CLAIMS.labels(model=model, outcome="redis_error").inc()
             self._failed("claim", error)

@@ -114,6 +114,9 @@ class Relay:
         self._send = send
         self._window = window
         self._failover_timeout_s = failover_timeout_s
+        self._failed_workers: set[str] = (
+            set()
+        )  # addresses whose call broke; claimed again only as a last resort
         # Frames not yet covered by a final response; the first has index `_kept_start`.
         self._kept: deque[_Frame] = deque()
         self._kept_start = 0
@@ -189,7 +192,7 @@ class Relay:
     async def _attempt(self, replay: bool) -> None:
         """Claim a worker and relay on one call to it; `NoWorker` or `_CallFailed` when that fails."""
         try:
-            lease = await self._workers.claim(self._config.model)
+            lease = await self._workers.claim(self._config.model, frozenset(self._failed_workers))
         except UnknownModel as err:
             raise bad_request(str(err)) from None
         if replay:
@@ -200,6 +203,7 @@ class Relay:
         try:
             await self._call(lease.address)
         except _CallFailed as failure:
+            self._failed_workers.add(lease.address)
             log_event(
                 log,
                 "stream_worker_failed",

@@ -53,8 +53,9 @@ class Workers(ABC):
     candidates: int
 
     @abstractmethod
-    async def claim(self, model: str) -> Lease:
-        """A worker for a stream of `model`; raises `NoWorker` or `UnknownModel`."""
+    async def claim(self, model: str, avoid: frozenset[str] = frozenset()) -> Lease:
+        """A worker for a stream of `model`, preferring any whose address is not in `avoid` (those
+        that just failed the stream); raises `NoWorker` or `UnknownModel`."""
 
     @abstractmethod
     async def release(self, lease: Lease) -> None: ...
@@ -77,7 +78,11 @@ class StaticWorkers(Workers):
         self._channels = channels
         self._next = itertools.cycle(addresses)
 
-    async def claim(self, model: str) -> Lease:
+    async def claim(self, model: str, avoid: frozenset[str] = frozenset()) -> Lease:
+        for _ in self.addresses:
+            address = next(self._next)
+            if address not in avoid:
+                return Lease(address)
         return Lease(next(self._next))
 
     async def release(self, lease: Lease) -> None:
@@ -111,9 +116,11 @@ class BalancedWorkers(Workers):
         self._balancer = balancer
         self._open: set[Claim] = set()
 
-    async def claim(self, model: str) -> Lease:
+    async def claim(self, model: str, avoid: frozenset[str] = frozenset()) -> Lease:
         try:
-            claim = await asyncio.to_thread(self._balancer.claim, model)
+            claim = await asyncio.to_thread(self._balancer.claim, model, avoid)
+            if claim is None and avoid:  # only failed workers have room: try them again
+                claim = await asyncio.to_thread(self._balancer.claim, model)
             if claim is not None:
                 self._open.add(claim)
                 return Lease(claim.address, claim)
