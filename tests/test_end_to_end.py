@@ -368,7 +368,12 @@ def test_hostile_input_never_crashes_or_wedges(
     except (OSError, ConnectionClosed):
         return  # the server may drop a hostile connection at once; what matters is what follows
     if ending == "eos":
-        assert result.code in (1000, 1003, 1008, 1009), (result.code, result.reason)
+        allowed = {1000, 1003, 1008, 1009}
+        if any(len(f) > 1 << 20 for f in frames):
+            # uvicorn answers an oversize frame with 1009 and drops the connection; a client still
+            # writing the rest of that megabyte may see the TCP reset before the close frame
+            allowed.add(1006)
+        assert result.code in allowed, (result.code, result.reason)
         if result.code == 1008:
             assert (result.reason or "")[:4] in ("400 ", "401 ")
 
