@@ -418,3 +418,24 @@ def test_accelerator_refuses_to_start_without_a_valid_licence(
     )
     assert refused.returncode != 0
     assert "expired on 2020-01-01" in refused.stderr
+
+
+def test_a_worker_whose_card_dies_stops_serving(tmp_path: Path, vendor_key: Path, program_file: Path) -> None:
+    """Its own emulator, killed: health goes NOT_SERVING (and the Redis record, if any, draining) so
+    balancers stop sending new streams to a worker that cannot run them."""
+    directory = licence_dir(tmp_path / "lic", vendor_key)
+    emulator = [str(BIN / "gharial-emulator"), "--port", "0", "--metrics-port", "0", "--card-id", "card-0"]
+    with running(license_service(directory)) as licenses, running(emulator) as card:
+        command = transcriber(
+            "--emulator", card.address, "--program", str(program_file), "--license-service", licenses.address,
+        )  # fmt: skip
+        with running(command) as worker:
+            assert worker.health() == health_pb2.HealthCheckResponse.SERVING
+            card.process.kill()
+            card.process.wait()
+            deadline = time.monotonic() + 20
+            while worker.health() != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "the worker still says SERVING without its card"
+                time.sleep(0.2)
+            assert worker.events("card_lost")
+            assert worker.terminate() == 0

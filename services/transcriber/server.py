@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # gRPC handler threads beyond one per stream: GetWorkerInfo, health checks, refusals
 SPARE_THREADS = 16
+CARD_CHECK_S = 2.0  # how often an accelerator worker checks that its card answers and runs the program
 
 
 class StartupError(Exception):
@@ -99,7 +101,28 @@ def accelerator_backend(
     except (BackendError, LicenseUnavailable, StartupError) as error:
         card.close()
         raise StartupError(str(error)) from error
-    return AcceleratorBackend(card, program, streaming, min(max_streams, card_streams))
+    return AcceleratorBackend(card, program, data, streaming, min(max_streams, card_streams))
+
+
+def watch_card(
+    backend: AcceleratorBackend,
+    server: GrpcServer,
+    registration: WorkerRegistration | None,
+    stop: threading.Event,
+) -> None:
+    """Every CARD_CHECK_S: while the card does not answer (or cannot get its program back), the
+    worker reports NOT_SERVING and draining, so load balancers send new streams elsewhere."""
+    ready = True
+    while not stop.wait(CARD_CHECK_S):
+        now = backend.card_ready()
+        if now == ready or stop.is_set():
+            continue
+        ready = now
+        log_event(log, "card_ready" if ready else "card_lost", logging.INFO if ready else logging.WARNING,
+                  card_id=backend.card.card_id)  # fmt: skip
+        server.set_serving(ready)
+        if registration is not None:
+            registration.set_draining(not ready)
 
 
 def advertised_host(host: str) -> str:
@@ -327,7 +350,14 @@ def serve(
         max_streams=backend.max_streams,
     )
 
+    stop_watching = threading.Event()
+    if isinstance(backend, AcceleratorBackend):
+        threading.Thread(
+            target=watch_card, args=(backend, server, registration, stop_watching), daemon=True
+        ).start()
+
     def shutdown() -> None:
+        stop_watching.set()
         if registration is not None:
             registration.set_draining(True)
         servicer.drain(drain_seconds)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 30.0  # how long start-up waits for the card's service to answer
 CALL_TIMEOUT_S = 10.0  # stream open/close
 FRAME_TIMEOUT_S = 30.0  # a frame's result; the card answers in milliseconds unless something is wrong
+PROBE_TIMEOUT_S = 1.0  # the card watchdog's GetCardInfo
 
 
 class _RunFrames:
@@ -140,6 +141,14 @@ class CardConnection:
         log_event(log, "program_loaded", card_id=self.card_id, sha256=reply.program.program_sha256)
         return reply.max_streams
 
+    def runs(self, program_sha256: str) -> bool | None:
+        """Whether the card answers within a second and holds that program; None when it does not answer."""
+        try:
+            info = self._stub.GetCardInfo(pb.GetCardInfoRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.RpcError:
+            return None
+        return info.HasField("program") and info.program.program_sha256 == program_sha256
+
     def open_stream(self) -> int:
         request = pb.OpenStreamRequest(decode_mode=pb.DECODE_MODE_GREEDY)
         try:
@@ -181,12 +190,18 @@ class AcceleratorBackend:
     kind = "accelerator"
 
     def __init__(
-        self, card: CardConnection, program: Program, streaming: StreamingConfig, max_streams: int
+        self,
+        card: CardConnection,
+        program: Program,
+        program_bytes: bytes,
+        streaming: StreamingConfig,
+        max_streams: int,
     ) -> None:
         tokenizer = Tokenizer.from_bytes(program.tokenizer_model)
         features = FeatureExtractor(program.meta.config.features, program.meta.mel_stats)
         self.model = ModelAssets(program.meta.config.name, features, tokenizer)
         self.card = card
+        self._program, self._program_bytes = program, program_bytes
         self.streaming = streaming
         self.max_streams = max_streams
         pieces = tokenizer.id_to_piece
@@ -194,6 +209,22 @@ class AcceleratorBackend:
 
     def open_stream(self, keywords: list[list[int]]) -> CardStream:
         return CardStream(self, self.card.open_stream())
+
+    def card_ready(self) -> bool:
+        """Whether the card answers and runs the program; a card that came back empty (restarted)
+        gets the program again. Streams it held before are lost either way (the gateway replays)."""
+        runs = self.card.runs(self._program.sha256)
+        if runs is None:
+            return False
+        if not runs:
+            try:
+                self.card.load(self._program_bytes, self._program)
+            except BackendError as error:
+                log_event(
+                    log, "program_reload_failed", logging.WARNING, card_id=self.card.card_id, error=str(error)
+                )
+                return False
+        return True
 
     def close(self) -> None:
         self.card.close()
