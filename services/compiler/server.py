@@ -13,7 +13,6 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -26,7 +25,7 @@ from gharial.accelerator.program import Program, ProgramError
 from gharial.accelerator.wire import iter_chunks, program_info_to_proto
 from gharial.asr.checkpoint import CheckpointError, HardwareCheckpoint
 from gharial.plumbing.grpc_server import GrpcServer
-from gharial.plumbing.logs import configure_logging, log_event
+from gharial.plumbing.logs import LogLevel, configure_logging, log_event
 from gharial.protos import compiler_pb2, compiler_pb2_grpc, program_pb2
 
 log = logging.getLogger(__name__)
@@ -122,13 +121,6 @@ class CompilerServicer(compiler_pb2_grpc.CompilerServicer):
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         INSPECTS.labels(outcome="ok").inc()
         return program_info_to_proto(info)
-
-
-class LogLevel(StrEnum):
-    DEBUG = "DEBUG"
-    INFO = "INFO"
-    WARNING = "WARNING"
-    ERROR = "ERROR"
 
 
 def serve(

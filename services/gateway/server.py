@@ -16,7 +16,6 @@ import logging
 import signal
 import socket
 import time
-from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -29,20 +28,13 @@ from gharial.gateway.app import create_app
 from gharial.gateway.auth import read_key_hashes
 from gharial.gateway.session import StreamEndpoint
 from gharial.gateway.settings import DEFAULT_MODEL, GatewaySettings
-from gharial.plumbing.logs import configure_logging, log_event
+from gharial.plumbing.logs import LogLevel, configure_logging, log_event
 
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "GHARIAL_GATEWAY_"
 # After the drain, how long uvicorn waits for the closed streams' tasks to end.
 CLEANUP_S = 5
-
-
-class LogLevel(StrEnum):
-    DEBUG = "DEBUG"
-    INFO = "INFO"
-    WARNING = "WARNING"
-    ERROR = "ERROR"
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from datetime import date
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -22,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from gharial.licensing import License, LicenseError, LicenseStore, Verdict, check, utc_today
 from gharial.plumbing.grpc_server import GrpcServer
-from gharial.plumbing.logs import configure_logging, log_event
+from gharial.plumbing.logs import LogLevel, configure_logging, log_event
 from gharial.protos import license_pb2, license_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -150,13 +149,6 @@ class LicenseMetrics(Collector):
             "Licence files read from the licence directory, valid or not",
             value=len(licenses),
         )
-
-
-class LogLevel(StrEnum):
-    DEBUG = "DEBUG"
-    INFO = "INFO"
-    WARNING = "WARNING"
-    ERROR = "ERROR"
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -11,9 +11,19 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 _SERVICE = "gharial"
+
+
+class LogLevel(StrEnum):
+    """The levels a service's --log-level flag accepts."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
 
 
 class JsonFormatter(logging.Formatter):
