@@ -7,7 +7,6 @@ every JSON log line for assertions, and stops the process with SIGTERM like Kube
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gharial.plumbing.logs import parse_log_line
 
 BIN = Path(sys.executable).parent
 
@@ -45,7 +46,7 @@ class ServiceProcess:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.lines.append(line.rstrip("\n"))
-            event = _parse(line)
+            event = parse_log_line(line)
             if event.get("event") == "server_started":
                 self.grpc_port = int(event["grpc_port"])
                 self.metrics_port = int(event.get("metrics_port") or 0)
@@ -68,7 +69,7 @@ class ServiceProcess:
         )
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in map(_parse, list(self.lines)) if e.get("event") == name]
+        return [e for e in map(parse_log_line, list(self.lines)) if e.get("event") == name]
 
     def health(self, service: str = "") -> int:
         with self.channel() as channel:
@@ -86,14 +87,6 @@ class ServiceProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
-
-
-def _parse(line: str) -> dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 @contextmanager

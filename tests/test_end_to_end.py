@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from gharial.audio import float_to_pcm16, load_audio
 from gharial.balancer import LoadBalancer
 from gharial.gateway.framing import FRAME_BYTES
+from gharial.plumbing.logs import parse_log_line
 from gharial.stack import LocalStack, ServiceProcess
 from tests.conftest import SPEECH_DEV
 from tests.redis_server import RedisServer
@@ -103,14 +104,6 @@ async def stream_async(
 
 def stream(port: int, chunks: Sequence[Chunk], **kwargs: Any) -> Result:
     return asyncio.run(stream_async(port, chunks, **kwargs))
-
-
-def json_or_empty(line: str) -> dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def frames_of(pcm: bytes) -> list[bytes]:
@@ -429,7 +422,7 @@ def test_killing_one_of_two_transcribers_loses_no_words(
         gateway = stack.services("gateway")[0]
         moved = {
             event["stream_id"]
-            for event in map(json_or_empty, gateway.lines)
+            for event in map(parse_log_line, gateway.lines)
             if event.get("event") == "stream_moving"
         }
         assert moved, "no stream was on the killed worker"

@@ -11,7 +11,6 @@ order, so each service drains as it would on Kubernetes.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -24,13 +23,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import grpc
 
 import gharial
 from gharial.accelerator.wire import iter_chunks
 from gharial.licensing import LicenseBody, generate_keys, load_private_key, sign_license, write_license
+from gharial.plumbing.logs import parse_log_line
 from gharial.protos import compiler_pb2, compiler_pb2_grpc
 
 BIN = Path(sys.executable).parent
@@ -70,7 +70,7 @@ class ServiceProcess:
                 self.lines.append(line.rstrip("\n"))
                 log.write(line)
                 log.flush()
-                event = _parse(line)
+                event = parse_log_line(line)
                 if event.get("event") == "server_started":
                     self.ports = {k: int(v) for k, v in event.items() if k.endswith("_port") and v}
                     self._started.set()
@@ -91,14 +91,6 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def _parse(line: str) -> dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 class LocalStack:

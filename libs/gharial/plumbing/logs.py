@@ -51,6 +51,16 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
 
 
+def parse_log_line(line: str) -> dict[str, Any]:
+    """One line of a service's log as written by JsonFormatter; {} for anything else (how
+    `gharial up` and the tests read ports and events from services they start)."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event with its fields, e.g. ``log_event(log, "stream_opened", stream_id=7)``."""
     logger.log(level, event, extra={"event": event, "fields": fields})
