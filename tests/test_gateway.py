@@ -435,6 +435,7 @@ def test_worker_killed_mid_stream_replays_on_another_without_loss() -> None:
             result = stream(service, chunked(audio(40), random.Random(1)))
             assert_complete(result, 40)
             assert [c.first_frame for c in b.servicer.configs] == [10]  # after A's final for frame 9
+            assert [c.continues_text for c in a.servicer.configs + b.servicer.configs] == [False, True]
             assert [c.stream_id for c in b.servicer.configs] == [c.stream_id for c in a.servicer.configs]
             finals = [round(r["end"] / 0.06) - 1 for r in result.responses if not r["is_provisional"]]
             assert finals[:3] == [4, 9, 12]  # B's final for frame 11 went out with frame 12's response

@@ -126,6 +126,17 @@ def test_final_deltas_concatenate_into_the_offline_text(tiny_tokenizer_bytes: by
     assert transcript.tail([Token(i, 0) for i in tokenizer.encode("a lazy")]) == " a lazy"
 
 
+def test_a_replayed_stream_continues_the_clients_text_with_a_space(tiny_tokenizer_bytes: bytes) -> None:
+    """After a move the new worker's first text follows text the client already has."""
+    tokenizer = Tokenizer.from_bytes(tiny_tokenizer_bytes)
+    transcript = Transcript(tokenizer, continues=True)
+    assert transcript.tail([]) == ""
+    assert transcript.finalise([]) == ""
+    assert transcript.tail([Token(i, 0) for i in tokenizer.encode("the")]) == " the"
+    assert transcript.finalise([Token(i, 0) for i in tokenizer.encode("the quick")]) == " the quick"
+    assert transcript.finalise([Token(i, 0) for i in tokenizer.encode(" fox")]) == " fox"
+
+
 def test_alternatives_rank_texts_by_the_share_of_hypotheses_saying_them(tiny_tokenizer_bytes: bytes) -> None:
     tokenizer = Tokenizer.from_bytes(tiny_tokenizer_bytes)
 

@@ -125,6 +125,8 @@ class Relay:
         self._delivered = 0
         # Final responses dropped during a replay, whose text goes out with the next response.
         self._pending_finals: list[transcriber_pb2.TranscribeResponse] = []
+        # Whether final text has come for the client: a replay's text then starts with a space.
+        self._has_text = False
         self._arrived = asyncio.Event()
         self._answered = asyncio.Event()
 
@@ -222,6 +224,7 @@ class Relay:
         config = transcriber_pb2.StreamConfig()
         config.CopyFrom(self._config)
         config.first_frame = self._kept_start
+        config.continues_text = self._has_text
         call = transcriber_pb2_grpc.TranscriberStub(self._channels.get(address)).Transcribe()
         reader = asyncio.create_task(self._read(call, config.first_frame))
         writer = asyncio.create_task(self._write(call, config))
@@ -272,6 +275,8 @@ class Relay:
 
     async def _deliver(self, index: int, response: transcriber_pb2.TranscribeResponse) -> None:
         final = not response.is_provisional
+        if final and response.alternatives and response.alternatives[0].transcript:
+            self._has_text = True
         if index < self._delivered:  # a replayed frame: the client has its response
             if final:
                 self._pending_finals.append(response)

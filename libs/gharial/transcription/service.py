@@ -56,6 +56,7 @@ class StreamOptions(BaseModel):
     alternatives: int
     keywords: list[list[int]]  # token ids of each keyword
     first_frame: int
+    continues_text: bool
 
 
 class InvalidConfig(ValueError):
@@ -87,6 +88,7 @@ def validate_config(config: pb.StreamConfig, served: ServedModel, tokenizer: Tok
         alternatives=max(1, config.alternatives),
         keywords=keywords,
         first_frame=config.first_frame,
+        continues_text=config.continues_text,
     )
 
 
@@ -259,7 +261,9 @@ class TranscriberServicer(transcriber_pb2_grpc.TranscriberServicer):
                 else grpc.StatusCode.UNAVAILABLE
             )
             self._refuse(context, code, str(error), options.stream_id)
-        session = Session(stream, self.backend.model, options.alternatives, options.first_frame)
+        session = Session(
+            stream, self.backend.model, options.alternatives, options.first_frame, options.continues_text
+        )
         call = _Call(session, requests, context, options.stream_id, self._closed)
         with self._condition:
             self._calls.add(call)

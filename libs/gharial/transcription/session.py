@@ -37,11 +37,16 @@ def seconds(frame: int) -> float:
 
 class Session:
     def __init__(
-        self, stream: BackendStream, model: ModelAssets, alternatives: int, first_frame: int
+        self,
+        stream: BackendStream,
+        model: ModelAssets,
+        alternatives: int,
+        first_frame: int,
+        continues_text: bool = False,
     ) -> None:
         self.stream = stream
         self.features = model.features.stream()
-        self.transcript = Transcript(model.tokenizer)
+        self.transcript = Transcript(model.tokenizer, continues_text)
         self.alternatives = alternatives
         self.frame_bytes = 2 * model.features.samples_per_frame  # S16LE
         self.first_frame = first_frame

@@ -32,22 +32,28 @@ from gharial.protos import transcriber_pb2 as pb
 class Transcript:
     """The text finalised so far in one stream, and the tails and alternatives built on it."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, continues: bool = False) -> None:
         self.tokenizer = tokenizer
+        # A replayed stream continues text the client already has: its first words need a space.
+        self._lead = " " if continues else ""
         self._finalised = ""  # raw text (pieces joined) of every finalised token
         self._sent = ""  # its visible part, already sent in final responses
+
+    def _visible(self, raw: str) -> str:
+        text = raw.strip()
+        return self._lead + text if text else ""
 
     def finalise(self, tokens: list[Token]) -> str:
         """Make `tokens` final; returns the visible text they add (the final response's transcript)."""
         self._finalised += tokens_to_text(self.tokenizer, tokens)
-        visible = self._finalised.strip()
+        visible = self._visible(self._finalised)
         delta = visible[len(self._sent) :]
         self._sent = visible
         return delta
 
     def tail(self, tokens: list[Token]) -> str:
         """The visible text unfinalised `tokens` would add after the finalised text."""
-        return (self._finalised + tokens_to_text(self.tokenizer, tokens)).strip()[len(self._sent) :]
+        return self._visible(self._finalised + tokens_to_text(self.tokenizer, tokens))[len(self._sent) :]
 
     def alternatives(
         self, provisional: list[Token], nbest: list[tuple[list[Token], float]], limit: int
