@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,15 @@ from gharial.asr.text import normalize_transcript
 from gharial.asr.tokenizer import Tokenizer
 from gharial.data.augment import change_speed, mix_at_snr, narrowband, snr_range, spec_augment
 from gharial.data.manifest import Utterance, write_json_manifest
+from gharial.data.pack import pack_corpus
+from gharial.data.readers import read_utterances
 from gharial.training.batch import BABBLE_FINAL_SNR, BACKGROUND_FINAL_SNR, Batch, BatchMaker
 from gharial.training.batches import BUCKET_BATCHES, batch_at, epoch_batches
 from gharial.training.checkpoint import TrainingCheckpoint, TrainingCheckpointMeta
 from gharial.training.config import AugmentConfig, DataConfig, OptimConfig, TrainConfig, load_train_config
 from gharial.training.ema import EMA
 from gharial.training.export import export_checkpoint
-from gharial.training.schedule import learning_rate
+from gharial.training.schedule import fit_schedule, learning_rate
 from gharial.training.trainer import Trainer, TrainingModel, write_run_config
 
 from .conftest import PHRASES, emitting_model, tone_utterance
@@ -744,3 +747,114 @@ def test_export_cli_names_a_corrupt_training_checkpoint(
     assert str(corrupt) in out.stderr and "not a readable training checkpoint" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "x.hwckpt").exists()
+
+
+# -- time budget, data workers, slim checkpoints, packing ------------------------------------------
+def test_fit_schedule_fills_the_steps_and_decays_to_a_sixteenth(corpus: Path) -> None:
+    cfg = load_train_config(corpus / "train.yaml").model_copy(
+        update={"optim": OptimConfig(lr=2e-3, min_lr=1e-6, warmup_steps=100)}
+    )
+    fitted = fit_schedule(cfg, 1100)
+    assert fitted.training_steps == 1100 and fitted.optim.warmup_steps == 100
+    assert fitted.optim.hold_steps == 400  # 40% of the steps after warmup
+    assert learning_rate(500, fitted.optim) == 2e-3, "still holding"
+    assert learning_rate(1100, fitted.optim) == pytest.approx(2e-3 / 16)
+    rates = [learning_rate(s, fitted.optim) for s in range(500, 1101)]
+    assert rates == sorted(rates, reverse=True)
+    assert cfg.training_steps == STEPS, "the original config is left alone"
+
+
+def test_a_time_budget_caps_the_steps_and_rewrites_the_run_config(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gharial.training.trainer.BUDGET_WARMUP_STEPS", 1)
+    monkeypatch.setattr("gharial.training.trainer.BUDGET_TIMED_STEPS", 2)
+    cfg = load_train_config(corpus / "train.yaml").model_copy(update={"training_steps": 5})
+    trainer = Trainer(cfg, tmp_path)
+    trainer.train(time_budget_s=3600)  # far more than 5 steps need: training_steps decides
+    assert trainer.step == 5
+    run = yaml.safe_load((tmp_path / "tiny-test_run.yaml").read_text())
+    assert run["training_steps"] == 5
+    assert run["optim"]["hold_steps"] == round(0.4 * (5 - cfg.optim.warmup_steps))
+    assert (tmp_path / "checkpoints" / "step_0000005.pt").exists()
+
+
+def test_a_time_budget_stops_at_the_deadline_with_a_checkpoint(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a fake clock: steps take 1 s while the speed is measured, then 2 s, so the deadline (95% of
+    10 s) comes before the 9 steps the measured speed promised."""
+    monkeypatch.setattr("gharial.training.trainer.BUDGET_WARMUP_STEPS", 1)
+    monkeypatch.setattr("gharial.training.trainer.BUDGET_TIMED_STEPS", 1)
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(
+        "gharial.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: clock.now)
+    )
+    cfg = load_train_config(corpus / "train.yaml").model_copy(update={"training_steps": 1000})
+    trainer = Trainer(cfg, tmp_path)
+    real_step = trainer.train_step
+
+    def timed_step() -> dict[str, float]:
+        stats = real_step()
+        clock.now += 1.0 if trainer.step <= 3 else 2.0
+        return stats
+
+    trainer.train_step = timed_step  # type: ignore[method-assign]
+    trainer.train(time_budget_s=10)
+    # steps start at 0, 1, 2, 3, 5, 7, 9 (s): the 7th ends at 11 s, past the 9.5 s deadline
+    assert trainer.step == 7
+    run = yaml.safe_load((tmp_path / "tiny-test_run.yaml").read_text())
+    assert run["training_steps"] == 9, "fitted after the timed step: 2 + int(7.5 s / 1 s)"
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt"))
+    assert saved[-1] == "step_0000007.pt", "the last step is saved even off save_every"
+
+
+def test_more_data_workers_make_the_same_batches(corpus: Path, tmp_path: Path) -> None:
+    cfg = load_train_config(corpus / "train.yaml")
+    one = Trainer(cfg, tmp_path / "one")
+    several = Trainer(cfg.model_copy(update={"data_workers": 3}), tmp_path / "several")
+    try:
+        for position in [0, 1, 2, 3, 4, 5, 3]:  # the last one jumps back
+            assert_same_batch(one.micro_batch(position), several.micro_batch(position))
+    finally:
+        for trainer in (one, several):
+            assert trainer.prefetcher is not None
+            trainer.prefetcher.close()
+
+
+def test_a_slim_checkpoint_exports_the_same_model_at_a_fraction_of_the_size(
+    tiny_config: ModelConfig, tiny_tokenizer_bytes: bytes, tmp_path: Path
+) -> None:
+    stats = MelStats.identity(tiny_config.features.n_mels)
+    full = training_checkpoint(tiny_config, tiny_tokenizer_bytes, stats)
+    full.save(tmp_path / "full.pt")
+    full.slim().save(tmp_path / "slim.pt")
+    slim = TrainingCheckpoint.load(tmp_path / "slim.pt")
+    assert slim.meta.step == 42 and slim.model == {} and slim.optimizer == {}
+    assert isinstance(slim.meta.config.model, ModelConfig), "the model config travels inline"
+    # this one never stepped its optimizer: the raw weights are what the slim copy leaves out
+    assert (tmp_path / "slim.pt").stat().st_size < 0.55 * (tmp_path / "full.pt").stat().st_size
+    a, b = export_checkpoint(full), export_checkpoint(slim)
+    assert a.checksum == b.checksum
+
+
+def test_pack_keeps_transcripts_and_durations_and_makes_small_opus(corpus: Path, tmp_path: Path) -> None:
+    source = read_utterances(corpus / "train.json")
+    count, size = pack_corpus(source, tmp_path / "packed")
+    packed = read_utterances(tmp_path / "packed" / "manifest.json")
+    assert count == len(source) == len(packed)
+    seconds = sum(u.duration for u in source)
+    assert size / seconds < 6000, "about 16 kbit/s plus Ogg overhead on these short clips"
+    for original, copy in zip(source, packed, strict=True):
+        assert (copy.id, copy.transcript, copy.duration) == (
+            original.id,
+            original.transcript,
+            original.duration,
+        )
+        assert copy.audio.suffix == ".opus" and copy.audio.read_bytes()[:4] == b"OggS"
+        a, b = original.load_audio(RATE), copy.load_audio(RATE)
+        assert len(b) == len(a)
+        extractor = FeatureExtractor(load_model_config("tiny").features)
+        fa, fb = extractor.raw_log_mels(a), extractor.raw_log_mels(b)
+        loud = fa > fa.max() - 3  # the tones' own bands: lossy coding may drop near-silent detail
+        assert (fa[loud] - fb[loud]).abs().mean() < 0.5, "the tones' log-mels survive packing"

@@ -209,6 +209,40 @@ def mel_stats(
     typer.echo(f"wrote {out} ({frames} frames from {len(utterances)} utterances)")
 
 
+@app.command()
+def pack(
+    manifest: Annotated[
+        Path, typer.Argument(help="corpus to pack (manifest, tar shards, audio folder or HF dataset)")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="folder to write: audio/<id>.opus and manifest.json")
+    ],
+    quality: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Opus compression level: 0.97 ≈ 16 kbit/s, 1.0 ≈ 9 kbit/s, 0.9 ≈ 33"
+        ),
+    ] = 0.97,
+) -> None:
+    """Re-encode a corpus as Ogg Opus (~16 kbit/s) so it fits where space is short (a lent GPU)."""
+    from tqdm import tqdm
+
+    from gharial.data.pack import pack_corpus
+    from gharial.data.readers import read_utterances
+
+    utterances = _read(manifest, read_utterances)
+    try:
+        count, size = pack_corpus(tqdm(utterances, desc="packing"), out, quality)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    seconds = sum(u.duration for u in utterances)
+    typer.echo(
+        f"wrote {out}/manifest.json: {count} utterances, {seconds / 3600:.2f} h, "
+        f"{size / 2**20:.1f} MiB ({size * 8 / max(seconds, 1e-9) / 1000:.1f} kbit/s)"
+    )
+
+
 def _read(path: Path, reader: Callable[[Path], list[Utterance]]) -> list[Utterance]:
     from gharial.data.manifest import ManifestError
 

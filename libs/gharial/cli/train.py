@@ -22,22 +22,34 @@ def train(
         int | None, typer.Option(min=1, help="stop after this many more steps (default: to training_steps)")
     ] = None,
     profile: Annotated[int, typer.Option(min=0, help="profile this many steps with torch.profiler")] = 0,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            min=60,
+            help="wall-clock seconds for the whole run: the speed of the first steps decides how many "
+            "steps fit (training_steps at most), and hold and decay are scaled to end inside the budget "
+            "(for a lent GPU with fixed time)",
+        ),
+    ] = None,
 ) -> None:
     """Train (or resume: a run directory with checkpoints continues exactly where it stopped)."""
     from gharial.data.manifest import ManifestError
     from gharial.training.config import ConfigError, load_train_config
     from gharial.training.trainer import Trainer
-    from gharial.validation import validation_function
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = load_train_config(config)
         trainer = Trainer(cfg, run_dir or Path("runs") / cfg.name)
-        validate = validation_function(cfg)
+        validate = None
+        if cfg.data.val_manifests:  # validation pulls in the decoders (and KenLM): only when used
+            from gharial.validation import validation_function
+
+            validate = validation_function(cfg)
     except (ConfigError, ManifestError, TrainingCheckpointError, ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
-    trainer.train(steps=steps, validate=validate, profile_steps=profile)
+    trainer.train(steps=steps, validate=validate, profile_steps=profile, time_budget_s=time_budget)
 
 
 def export(

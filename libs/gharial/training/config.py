@@ -110,6 +110,9 @@ class TrainConfig(_Strict):
         None, description="start from this checkpoint's weights (not its optimizer)"
     )
     threads: int = Field(2, gt=0, description="torch CPU threads")
+    data_workers: int = Field(
+        1, gt=0, description="processes making batches ahead of the trainer (a GPU needs many)"
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

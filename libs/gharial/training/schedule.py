@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from gharial.training.config import OptimConfig
+from gharial.training.config import OptimConfig, TrainConfig
+
+HOLD_FRACTION = 0.4  # of the steps after warmup, when a schedule is fitted to a time budget
+DECAY_HALF_LIVES = 4  # the rest decays over this many half-lives: the last rate is lr / 16
 
 
 def learning_rate(step: int, cfg: OptimConfig) -> float:
@@ -13,3 +16,17 @@ def learning_rate(step: int, cfg: OptimConfig) -> float:
     if decay_steps <= 0:
         return cfg.lr
     return max(cfg.min_lr, cfg.lr * 0.5 ** (decay_steps / cfg.half_life_steps))
+
+
+def fit_schedule(cfg: TrainConfig, total_steps: int) -> TrainConfig:
+    """The config with `training_steps` = total_steps and hold and decay scaled to fill them (warmup
+    kept): what a run with a wall-clock budget uses once it knows how many steps fit."""
+    after_warmup = max(total_steps - cfg.optim.warmup_steps, 1)
+    hold = round(HOLD_FRACTION * after_warmup)
+    optim = cfg.optim.model_copy(
+        update={
+            "hold_steps": hold,
+            "half_life_steps": max(round((after_warmup - hold) / DECAY_HALF_LIVES), 1),
+        }
+    )
+    return cfg.model_copy(update={"training_steps": total_steps, "optim": optim})

@@ -44,10 +44,13 @@ from gharial.training.batches import batch_at
 from gharial.training.checkpoint import TrainingCheckpoint, TrainingCheckpointMeta
 from gharial.training.config import TrainConfig
 from gharial.training.ema import EMA
-from gharial.training.schedule import learning_rate
+from gharial.training.schedule import fit_schedule, learning_rate
 
 log = logging.getLogger("gharial.train")
 KEEP_CHECKPOINTS = 3
+BUDGET_WARMUP_STEPS = 10  # not timed when fitting a time budget: workers start, caches fill
+BUDGET_TIMED_STEPS = 30  # then timed to estimate the seconds per step
+BUDGET_RESERVE = 0.05  # of the budget kept free for the last checkpoint and slower steps later
 NOISE_SUFFIXES = (".wav", ".flac", ".ogg")
 GRAD_NOISE_DECAY = 0.55
 
@@ -194,7 +197,7 @@ class Trainer:
     def micro_batch(self, position: int) -> Batch:
         if self.prefetcher is None:
             self.prefetcher = BatchPrefetcher(
-                self.make_batch, self.utterances, self.cfg.batch_size, self.cfg.seed
+                self.make_batch, self.utterances, self.cfg.batch_size, self.cfg.seed, self.cfg.data_workers
             )
         return self.prefetcher.get(position)
 
@@ -291,11 +294,23 @@ class Trainer:
         return contextlib.nullcontext()
 
     # -- the loop ----------------------------------------------------------------------------------
-    def train(self, steps: int | None = None, validate: Any = None, profile_steps: int = 0) -> None:
+    def train(
+        self,
+        steps: int | None = None,
+        validate: Any = None,
+        profile_steps: int = 0,
+        time_budget_s: float | None = None,
+    ) -> None:
         """Train until `training_steps` (or `steps` more steps); checkpoint every `save_every`.
 
         validate: callable(HardwareCheckpoint) → WER, run every `val_every` steps when given.
+        time_budget_s: finish within this many seconds. The first steps are timed and the schedule is
+        fitted to the steps that fit (`fit_schedule`), training_steps at most; the loop also stops at
+        the deadline itself.
         """
+        run_started = time.perf_counter()
+        deadline = None if time_budget_s is None else run_started + (1 - BUDGET_RESERVE) * time_budget_s
+        timing_started, steps_run = 0.0, 0
         end = self.cfg.training_steps if steps is None else min(self.cfg.training_steps, self.step + steps)
         write_run_config(self.cfg, self.run_dir)
         writer = _tensorboard(self.run_dir / "tensorboard")
@@ -303,9 +318,16 @@ class Trainer:
         bar = tqdm(total=end, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True)
         try:
             with _profiler(self.run_dir, profile_steps) as profiler:
-                while self.step < end:
+                while self.step < end and (deadline is None or time.perf_counter() < deadline):
                     started = time.perf_counter()
+                    if steps_run == BUDGET_WARMUP_STEPS:
+                        timing_started = started
+                    if deadline is not None and steps_run == BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS:
+                        end = self._fit_to_budget(deadline, (started - timing_started) / BUDGET_TIMED_STEPS)
+                        bar.total = end
+                        bar.refresh()
                     stats = self.train_step()
+                    steps_run += 1
                     stats["audio_seconds_per_second"] = stats["audio_seconds"] / (
                         time.perf_counter() - started
                     )
@@ -327,6 +349,8 @@ class Trainer:
                     if self.step % self.cfg.save_every == 0 or self.step == end:
                         self.save()
                     log_file.flush()
+                if self.step % self.cfg.save_every and self.step != end:  # stopped by the deadline
+                    self.save()
         finally:
             if self.prefetcher is not None:
                 self.prefetcher.close()
@@ -334,6 +358,20 @@ class Trainer:
             bar.close()
             writer.close()
             log_file.close()
+
+    def _fit_to_budget(self, deadline: float, seconds_per_step: float) -> int:
+        """Fit training_steps (never more than configured) and the schedule to the time left;
+        returns the new last step."""
+        left = max(deadline - time.perf_counter(), 0.0)
+        end = min(self.step + max(int(left / seconds_per_step), 1), self.cfg.training_steps)
+        self.cfg = fit_schedule(self.cfg, end)
+        write_run_config(self.cfg, self.run_dir)
+        log.info(json.dumps({
+            "event": "time_budget", "seconds_per_step": round(seconds_per_step, 4),
+            "training_steps": end, "hold_steps": self.cfg.optim.hold_steps,
+            "half_life_steps": self.cfg.optim.half_life_steps,
+        }))  # fmt: skip
+        return end
 
     def _validate(self, validate: Any, writer: Any, log_file: Any) -> None:
         wer = float(validate(self.hardware_checkpoint()))
@@ -346,16 +384,20 @@ class Trainer:
 
 
 class BatchPrefetcher:
-    """Makes the next batches in a worker process while the current one trains. Batches are pure
+    """Makes the next batches in worker processes while the current one trains. Batches are pure
     functions of their position, so prefetching changes nothing but the speed."""
 
-    AHEAD = 2
-
     def __init__(
-        self, make_batch: BatchMaker, utterances: list[Utterance], batch_size: int, seed: int
+        self,
+        make_batch: BatchMaker,
+        utterances: list[Utterance],
+        batch_size: int,
+        seed: int,
+        workers: int = 1,
     ) -> None:
+        self.ahead = 2 * workers  # keeps every worker busy while the trainer consumes in order
         self.pool = concurrent.futures.ProcessPoolExecutor(
-            1,
+            workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_batch_worker,
             initargs=(make_batch, utterances, batch_size, seed),
@@ -366,7 +408,7 @@ class BatchPrefetcher:
         for p in list(self.pending):
             if p < position:  # a jump (e.g. a test calling out of order): drop stale work
                 self.pending.pop(p).cancel()
-        for p in range(position, position + self.AHEAD + 1):
+        for p in range(position, position + self.ahead + 1):
             if p not in self.pending:
                 self.pending[p] = self.pool.submit(_make_batch_at, p)
         return self.pending.pop(position).result()

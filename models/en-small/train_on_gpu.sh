@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Train en-small on a lent GPU machine within a time budget, and leave what must come back in $OUT:
+# the slim checkpoint (EMA weights, `TrainingCheckpoint.slim`) in pieces under 16 MiB, the step log
+# and the resolved run config. Needs the packed corpus (`make pack`) in data/packed/, and, where the
+# machine's Python lacks them, wheels in .whl/ (pydantic, soundfile and what they need).
+# Usage: models/en-small/train_on_gpu.sh [BUDGET_SECONDS]   (default 420)
+# Back here: cat en-small-slim.pt.part-* > slim.pt && gharial export slim.pt -o models/en-small/en-small.hwckpt
+set -euo pipefail
+budget=${1:-420}
+out=${OUT:-runs/en-small-gpu/out}
+run=runs/en-small-gpu
+mkdir -p "$out" "$run"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/libs${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 - "$budget" "$run" <<'PY'
+import sys
+from pathlib import Path
+
+import torch
+
+from gharial.cli.train import train
+
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+train(config=Path("models/en-small/train-gpu.yaml"), run_dir=Path(sys.argv[2]), steps=None, profile=0,
+      time_budget=float(sys.argv[1]))
+PY
+python3 - "$run" "$out" <<'PY'
+import sys
+from pathlib import Path
+
+from gharial.training.checkpoint import TrainingCheckpoint
+
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+latest = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
+TrainingCheckpoint.load(latest).slim().save(out / "en-small-slim.pt")
+print(f"slim checkpoint of {latest.name}")
+PY
+(cd "$out" && split -b 15M en-small-slim.pt en-small-slim.pt.part- && rm en-small-slim.pt)
+cp "$run/train_log.jsonl" "$run/en-small_run.yaml" "$out/"
+ls -la "$out"
