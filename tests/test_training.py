@@ -840,9 +840,9 @@ def test_a_slim_checkpoint_exports_the_same_model_at_a_fraction_of_the_size(
 
 def test_pack_keeps_transcripts_and_durations_and_makes_small_opus(corpus: Path, tmp_path: Path) -> None:
     source = read_utterances(corpus / "train.json")
-    count, size = pack_corpus(source, tmp_path / "packed")
+    size = sum(pack_corpus(source, tmp_path / "packed", workers=2))
     packed = read_utterances(tmp_path / "packed" / "manifest.json")
-    assert count == len(source) == len(packed)
+    assert len(source) == len(packed)
     seconds = sum(u.duration for u in source)
     assert size / seconds < 6000, "about 16 kbit/s plus Ogg overhead on these short clips"
     for original, copy in zip(source, packed, strict=True):

@@ -223,6 +223,7 @@ def pack(
             min=0.0, max=1.0, help="Opus compression level: 0.97 ≈ 16 kbit/s, 1.0 ≈ 9 kbit/s, 0.9 ≈ 33"
         ),
     ] = 0.97,
+    workers: Annotated[int, typer.Option(min=1, help="encoding processes")] = 2,
 ) -> None:
     """Re-encode a corpus as Ogg Opus (~16 kbit/s) so it fits where space is short (a lent GPU)."""
     from tqdm import tqdm
@@ -232,13 +233,15 @@ def pack(
 
     utterances = _read(manifest, read_utterances)
     try:
-        count, size = pack_corpus(tqdm(utterances, desc="packing"), out, quality)
+        size = sum(
+            tqdm(pack_corpus(utterances, out, quality, workers), total=len(utterances), desc="packing")
+        )
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
     seconds = sum(u.duration for u in utterances)
     typer.echo(
-        f"wrote {out}/manifest.json: {count} utterances, {seconds / 3600:.2f} h, "
+        f"wrote {out}/manifest.json: {len(utterances)} utterances, {seconds / 3600:.2f} h, "
         f"{size / 2**20:.1f} MiB ({size * 8 / max(seconds, 1e-9) / 1000:.1f} kbit/s)"
     )
 

@@ -9,7 +9,8 @@ keeps what the 80-mel front end sees of speech, so a whole training corpus trave
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+import multiprocessing
+from collections.abc import Iterator
 from pathlib import Path
 
 import soundfile
@@ -31,27 +32,26 @@ def encode_opus(audio: torch.Tensor, quality: float = DEFAULT_QUALITY) -> bytes:
 
 
 def pack_corpus(
-    utterances: Iterable[Utterance], out_dir: Path, quality: float = DEFAULT_QUALITY
-) -> tuple[int, int]:
-    """Write `out_dir/audio/<id>.opus` for each utterance and `out_dir/manifest.json` (transcripts,
-    durations and speakers kept). Returns (utterances, bytes of audio written)."""
+    utterances: list[Utterance], out_dir: Path, quality: float = DEFAULT_QUALITY, workers: int = 1
+) -> Iterator[int]:
+    """Write `out_dir/audio/<id>.opus` for each utterance (in `workers` processes: the Opus encoder
+    is slow) and then `out_dir/manifest.json`, with transcripts, durations and speakers kept.
+    Yields the bytes written for each utterance, in order, as it goes."""
     audio_dir = out_dir / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
-    packed, total = [], 0
-    for utt in utterances:
-        data = encode_opus(utt.load_audio(SAMPLE_RATE), quality)
-        path = audio_dir / f"{utt.id}.opus"
-        path.write_bytes(data)
-        total += len(data)
-        packed.append(
-            Utterance(
-                id=utt.id,
-                audio=path,
-                transcript=utt.transcript,
-                duration=utt.duration,
-                speaker=utt.speaker,
-                sample_rate=SAMPLE_RATE,
-            )
-        )
+    jobs = [(utt, audio_dir / f"{utt.id}.opus", quality) for utt in utterances]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_pack_one, jobs, chunksize=4)
+    packed = [
+        utt.model_copy(update={"audio": path, "audio_bytes": None, "sample_rate": SAMPLE_RATE})
+        for utt, path, _ in jobs
+    ]
     write_json_manifest(out_dir / "manifest.json", packed, SAMPLE_RATE)
-    return len(packed), total
+
+
+def _pack_one(job: tuple[Utterance, Path, float]) -> int:
+    utt, path, quality = job
+    torch.set_num_threads(1)
+    data = encode_opus(utt.load_audio(SAMPLE_RATE), quality)
+    path.write_bytes(data)
+    return len(data)

@@ -4,7 +4,9 @@
 - `/readyz`: new streams can be placed — Redis reachable, or a static transcriber has room, and
   the gateway is not shutting down (readiness; 503 otherwise);
 - `/metrics`: Prometheus text (prometheus-client's default registry: the gateway's and the
-  balancer's metrics).
+  balancer's metrics);
+- `/` and `/static/...`: the demo page (microphone or file → the stream endpoint, live transcript
+  and latency), so a browser on the gateway's own origin needs nothing else.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gharial.balancer import LoadBalancer
@@ -24,6 +28,8 @@ from gharial.gateway.messages import STREAM_PATH
 from gharial.gateway.session import StreamEndpoint
 from gharial.gateway.settings import GatewaySettings
 from gharial.gateway.workers import BalancedWorkers, Readiness, StaticWorkers, Workers
+
+STATIC_DIR = Path(__file__).parent / "static"  # package data (pyproject.toml)
 
 DESCRIPTION = f"""Streaming speech recognition over a websocket: `GET {STREAM_PATH}` (the CAIMAN-ASR
 websocket API). Query parameters: `content_type` (default
@@ -78,4 +84,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/", include_in_schema=False)
+    async def demo_page() -> FileResponse:
+        """The demo page; its scripts and styles are under /static."""
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
