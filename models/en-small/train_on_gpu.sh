@@ -3,20 +3,23 @@
 # the slim checkpoint (EMA weights, `TrainingCheckpoint.slim`) in pieces under 16 MiB, the step log
 # and the resolved run config. Needs the packed corpus (`make pack`) in data/packed/, and, where the
 # machine's Python lacks them, wheels in .whl/ (pydantic, soundfile and what they need).
-# Usage: models/en-small/train_on_gpu.sh [BUDGET_SECONDS]   (default 420)
+# Usage: models/en-small/train_on_gpu.sh [BUDGET_SECONDS]   (default 420; CONFIG=... for another recipe)
 # Back here: cat en-small-slim.pt.part-* > slim.pt && gharial export slim.pt -o models/en-small/en-small.hwckpt
 set -euo pipefail
 budget=${1:-420}
+config=${CONFIG:-models/en-small/train-gpu.yaml}
+wheels=${WHEELS:-.whl}
 out=${OUT:-runs/en-small-gpu/out}
 run=runs/en-small-gpu
 mkdir -p "$out" "$run"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+if compgen -G "$wheels/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheels"/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD/libs${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 - "$budget" "$run" <<'PY'
+# (python -c, not a here-document: the data workers are spawned and re-import the main module)
+python3 -c '
 import sys
 from pathlib import Path
 
@@ -26,9 +29,8 @@ from gharial.cli.train import train
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-train(config=Path("models/en-small/train-gpu.yaml"), run_dir=Path(sys.argv[2]), steps=None, profile=0,
-      time_budget=float(sys.argv[1]))
-PY
+train(config=Path(sys.argv[3]), run_dir=Path(sys.argv[2]), steps=None, profile=0, time_budget=float(sys.argv[1]))
+' "$budget" "$run" "$config"
 python3 - "$run" "$out" <<'PY'
 import sys
 from pathlib import Path
