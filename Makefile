@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/*.proto)
 PROTO_OUT := libs/gharial/protos
 
-.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy bench-soak demo tools
+.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy bench-soak demo tools pack
 
 install: $(STAMP)
 
@@ -73,6 +73,15 @@ data: install $(SYNTH)
 $(SYNTH):
 	$(BIN)/gharial data synth -o data/synth-v1 --sentences 8000 --heldout-sentences 400 \
 		--exclude-manifest ../shared/data/speech-dev/manifest.json
+
+# The training corpora packed to Ogg Opus in data/packed/ (real speech ~16 kbit/s, synthetic ~9), small
+# enough to travel to a lent GPU machine: models/en-small/train-gpu.yaml, train_on_gpu.sh.
+PACKED := data/packed/synth-v1/manifest.json
+pack: data $(PACKED)
+$(PACKED):
+	for d in train-cathy train-arctic-bdl train-arctic-slt train-barista train-fsdd; do \
+		$(BIN)/gharial data pack ../shared/data/$$d/manifest.json -o data/packed/$$d || exit 1; done
+	$(BIN)/gharial data pack data/synth-v1/manifest.json -o data/packed/synth-v1 --quality 1.0
 
 # Train (or resume) the bundled model's recipe; checkpoints and logs go to runs/en-small/.
 train: data
