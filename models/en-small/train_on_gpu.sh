@@ -12,6 +12,7 @@ wheels=${WHEELS:-.whl}
 out=${OUT:-runs/en-small-gpu/out}
 run=runs/en-small-gpu
 mkdir -p "$out" "$run"
+status=0  # the trainer's; whatever it saved still comes back when it fails
 if compgen -G "$wheels/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheels"/*.whl
   export PYTHONPATH=/tmp/site
@@ -30,7 +31,7 @@ from gharial.cli.train import train
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 train(config=Path(sys.argv[3]), run_dir=Path(sys.argv[2]), steps=None, profile=0, time_budget=float(sys.argv[1]))
-' "$budget" "$run" "$config"
+' "$budget" "$run" "$config" || status=$?
 python3 - "$run" "$out" <<'PY'
 import sys
 from pathlib import Path
@@ -45,3 +46,4 @@ PY
 (cd "$out" && split -b 15M en-small-slim.pt en-small-slim.pt.part- && rm en-small-slim.pt)
 cp "$run/train_log.jsonl" "$run/en-small_run.yaml" "$out/"
 ls -la "$out"
+exit "$status"
