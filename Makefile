@@ -76,12 +76,12 @@ $(SYNTH):
 
 # The training corpora packed to Ogg Opus in data/packed/ (real speech ~16 kbit/s, synthetic ~9), small
 # enough to travel to a lent GPU machine: models/en-small/train-gpu.yaml, train_on_gpu.sh.
-PACKED := data/packed/synth-v1/manifest.json
+PACKED := data/packed/synth-v1.parquet
 pack: data $(PACKED)
 $(PACKED):
 	for d in train-cathy train-arctic-bdl train-arctic-slt train-barista train-fsdd; do \
-		$(BIN)/gharial data pack ../shared/data/$$d/manifest.json -o data/packed/$$d || exit 1; done
-	$(BIN)/gharial data pack data/synth-v1/manifest.json -o data/packed/synth-v1 --quality 1.0
+		$(BIN)/gharial data pack ../shared/data/$$d/manifest.json -o data/packed/$$d.parquet || exit 1; done
+	$(BIN)/gharial data pack data/synth-v1/manifest.json -o data/packed/synth-v1.parquet --quality 1.0
 
 # Train (or resume) the bundled model's recipe; checkpoints and logs go to runs/en-small/.
 train: data

@@ -840,18 +840,15 @@ def test_a_slim_checkpoint_exports_the_same_model_at_a_fraction_of_the_size(
 
 def test_pack_keeps_transcripts_and_durations_and_makes_small_opus(corpus: Path, tmp_path: Path) -> None:
     source = read_utterances(corpus / "train.json")
-    size = sum(pack_corpus(source, tmp_path / "packed", workers=2))
-    packed = read_utterances(tmp_path / "packed" / "manifest.json")
+    size = sum(pack_corpus(source, tmp_path / "packed.parquet", workers=2))
+    packed = read_utterances(tmp_path / "packed.parquet")
     assert len(source) == len(packed)
     seconds = sum(u.duration for u in source)
     assert size / seconds < 6000, "about 16 kbit/s plus Ogg overhead on these short clips"
     for original, copy in zip(source, packed, strict=True):
-        assert (copy.id, copy.transcript, copy.duration) == (
-            original.id,
-            original.transcript,
-            original.duration,
-        )
-        assert copy.audio.suffix == ".opus" and copy.audio.read_bytes()[:4] == b"OggS"
+        assert (copy.id, copy.transcript) == (original.id, original.transcript)
+        assert copy.duration == pytest.approx(original.duration, abs=1e-3)
+        assert copy.audio_bytes is not None and copy.audio_bytes[:4] == b"OggS"
         a, b = original.load_audio(RATE), copy.load_audio(RATE)
         assert len(b) == len(a)
         extractor = FeatureExtractor(load_model_config("tiny").features)

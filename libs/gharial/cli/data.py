@@ -241,7 +241,7 @@ def pack(
         raise typer.Exit(2) from err
     seconds = sum(u.duration for u in utterances)
     typer.echo(
-        f"wrote {out}/manifest.json: {len(utterances)} utterances, {seconds / 3600:.2f} h, "
+        f"wrote {out}: {len(utterances)} utterances, {seconds / 3600:.2f} h, "
         f"{size / 2**20:.1f} MiB ({size * 8 / max(seconds, 1e-9) / 1000:.1f} kbit/s)"
     )
 
