@@ -768,7 +768,7 @@ def test_a_time_budget_caps_the_steps_and_rewrites_the_run_config(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("gharial.training.trainer.BUDGET_WARMUP_STEPS", 1)
-    monkeypatch.setattr("gharial.training.trainer.BUDGET_TIMED_STEPS", 2)
+    monkeypatch.setattr("gharial.training.trainer.BUDGET_FIT_AFTER", (2, 3))
     cfg = load_train_config(corpus / "train.yaml").model_copy(update={"training_steps": 5})
     trainer = Trainer(cfg, tmp_path)
     trainer.train(time_budget_s=3600)  # far more than 5 steps need: training_steps decides
@@ -785,7 +785,7 @@ def test_a_time_budget_stops_at_the_deadline_with_a_checkpoint(
     """On a fake clock: steps take 1 s while the speed is measured, then 2 s, so the deadline (95% of
     10 s) comes before the 9 steps the measured speed promised."""
     monkeypatch.setattr("gharial.training.trainer.BUDGET_WARMUP_STEPS", 1)
-    monkeypatch.setattr("gharial.training.trainer.BUDGET_TIMED_STEPS", 1)
+    monkeypatch.setattr("gharial.training.trainer.BUDGET_FIT_AFTER", (1,))
     clock = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(
         "gharial.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: clock.now)
@@ -807,6 +807,34 @@ def test_a_time_budget_stops_at_the_deadline_with_a_checkpoint(
     assert run["training_steps"] == 9, "fitted after the timed step: 2 + int(7.5 s / 1 s)"
     saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt"))
     assert saved[-1] == "step_0000007.pt", "the last step is saved even off save_every"
+
+
+def test_a_later_fit_of_the_budget_can_lengthen_the_run(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fake clock: the first 3 steps take 2 s (workers starting), later ones 0.5 s. The first fit
+    (after 1 timed step) sees 2 s per step and plans 9 steps; the refit after 4 timed steps sees
+    1.25 s per step and plans 14: a first fit must not cap the later ones."""
+    monkeypatch.setattr("gharial.training.trainer.BUDGET_WARMUP_STEPS", 1)
+    monkeypatch.setattr("gharial.training.trainer.BUDGET_FIT_AFTER", (1, 4))
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(
+        "gharial.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: clock.now)
+    )
+    trainer = Trainer(
+        load_train_config(corpus / "train.yaml").model_copy(update={"training_steps": 1000}), tmp_path
+    )
+    real_step = trainer.train_step
+
+    def timed_step() -> dict[str, float]:
+        stats = real_step()
+        clock.now += 2.0 if trainer.step <= 3 else 0.5
+        return stats
+
+    trainer.train_step = timed_step  # type: ignore[method-assign]
+    trainer.train(time_budget_s=20)
+    assert trainer.step == 14
+    assert yaml.safe_load((tmp_path / "tiny-test_run.yaml").read_text())["training_steps"] == 14
 
 
 def test_more_data_workers_make_the_same_batches(corpus: Path, tmp_path: Path) -> None:

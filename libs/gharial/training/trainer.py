@@ -49,7 +49,9 @@ from gharial.training.schedule import fit_schedule, learning_rate
 log = logging.getLogger("gharial.train")
 KEEP_CHECKPOINTS = 3
 BUDGET_WARMUP_STEPS = 10  # not timed when fitting a time budget: workers start, caches fill
-BUDGET_TIMED_STEPS = 30  # then timed to estimate the seconds per step
+# After this many timed steps the schedule is fitted to the budget, and fitted again later: the first
+# steps run while the batch workers still start, so later fits see the steadier speed.
+BUDGET_FIT_AFTER = (30, 200, 1000)
 BUDGET_RESERVE = 0.05  # of the budget kept free for the last checkpoint and slower steps later
 NOISE_SUFFIXES = (".wav", ".flac", ".ogg")
 GRAD_NOISE_DECAY = 0.55
@@ -304,14 +306,15 @@ class Trainer:
         """Train until `training_steps` (or `steps` more steps); checkpoint every `save_every`.
 
         validate: callable(HardwareCheckpoint) → WER, run every `val_every` steps when given.
-        time_budget_s: finish within this many seconds. The first steps are timed and the schedule is
-        fitted to the steps that fit (`fit_schedule`), training_steps at most; the loop also stops at
-        the deadline itself.
+        time_budget_s: finish within this many seconds. The steps are timed and the schedule is fitted
+        to the steps that fit (`fit_schedule`, training_steps at most) after BUDGET_FIT_AFTER of
+        them; the loop also stops at the deadline itself.
         """
         run_started = time.perf_counter()
         deadline = None if time_budget_s is None else run_started + (1 - BUDGET_RESERVE) * time_budget_s
         timing_started, steps_run = 0.0, 0
         end = self.cfg.training_steps if steps is None else min(self.cfg.training_steps, self.step + steps)
+        limit = end  # a time budget only ever shortens the run
         write_run_config(self.cfg, self.run_dir)
         writer = _tensorboard(self.run_dir / "tensorboard")
         log_file = (self.run_dir / "train_log.jsonl").open("a")
@@ -322,8 +325,9 @@ class Trainer:
                     started = time.perf_counter()
                     if steps_run == BUDGET_WARMUP_STEPS:
                         timing_started = started
-                    if deadline is not None and steps_run == BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS:
-                        end = self._fit_to_budget(deadline, (started - timing_started) / BUDGET_TIMED_STEPS)
+                    timed = steps_run - BUDGET_WARMUP_STEPS
+                    if deadline is not None and timed in BUDGET_FIT_AFTER:
+                        end = self._fit_to_budget(deadline, (started - timing_started) / timed, limit)
                         bar.total = end
                         bar.refresh()
                     stats = self.train_step()
@@ -359,11 +363,11 @@ class Trainer:
             writer.close()
             log_file.close()
 
-    def _fit_to_budget(self, deadline: float, seconds_per_step: float) -> int:
-        """Fit training_steps (never more than configured) and the schedule to the time left;
-        returns the new last step."""
+    def _fit_to_budget(self, deadline: float, seconds_per_step: float, limit: int) -> int:
+        """Fit training_steps (never past `limit`) and the schedule to the time left; returns the
+        new last step."""
         left = max(deadline - time.perf_counter(), 0.0)
-        end = min(self.step + max(int(left / seconds_per_step), 1), self.cfg.training_steps)
+        end = min(self.step + max(int(left / seconds_per_step), 1), limit)
         self.cfg = fit_schedule(self.cfg, end)
         write_run_config(self.cfg, self.run_dir)
         log.info(json.dumps({
