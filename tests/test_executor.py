@@ -213,19 +213,23 @@ def test_blank_only_costs_one_joint_per_stream(tiny_config: ModelConfig, tiny_to
 def test_trained_model_decodes_as_the_cpu_backend(
     tiny_config: ModelConfig, tiny_tokenizer_bytes: bytes
 ) -> None:
-    """A trained model has clear decisions: the card's tokens are the CPU backend's, frame by frame,
-    on utterances it learned and on new ones."""
+    """A trained model has clear decisions, and the card takes every clear one as the CPU backend
+    does, on utterances it learned and on new ones. Teacher-forced, so that one near tie (int8
+    against float can tip those, and which ones tip depends on the CPU's float rounding) does not
+    change everything after it; whole transcripts then agree on all but at most one utterance."""
     model, extractor, _ = train_on_tones(tiny_config, TONE_TRANSCRIPTS, steps=500)
     executor = executor_of(model, tiny_tokenizer_bytes)
     rng = random.Random(0)
     utterances = TONE_TRANSCRIPTS + [[rng.randrange(10) for _ in range(rng.randint(2, 8))] for _ in range(10)]
-    emitted = 0
-    for transcript in utterances:
-        features = extractor(tone_utterance(transcript))
-        expected = cpu_tokens(model, features, 30)
-        assert card_tokens(executor, features, 30) == expected, transcript
-        emitted += sum(map(len, expected))
-    assert emitted >= 40
+    features = [extractor(tone_utterance(transcript)) for transcript in utterances]
+    decisions = teacher_forced_decisions(model, executor, features)
+    clear = [d for d in decisions if d.margin > 1.0]
+    assert len(clear) >= 0.8 * len(decisions), "a trained model decides clearly"
+    assert all(d.agrees for d in clear)
+    expected = [cpu_tokens(model, f, 30) for f in features]
+    same = sum(card_tokens(executor, f, 30) == e for f, e in zip(features, expected, strict=True))
+    assert same >= len(utterances) - 1
+    assert sum(len(tokens) for e in expected for tokens in e) >= 40
 
 
 def test_decisions_agree_with_the_float_model_on_real_speech(speech: Speech) -> None:
