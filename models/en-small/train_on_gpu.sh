@@ -2,7 +2,11 @@
 # Train en-small on a lent GPU machine within a time budget, and leave what must come back in $OUT:
 # the slim checkpoint (EMA weights, `TrainingCheckpoint.slim`) in pieces under 16 MiB, the step log
 # and the resolved run config. Needs the packed corpus (`make pack`) in data/packed/, and, where the
-# machine's Python lacks them, wheels in .whl/ (pydantic, soundfile and what they need).
+# machine's Python lacks them, wheels in .whl/ (pydantic, soundfile and what they need; for the H200
+# image's Python 3.12: pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
+# typing-inspection==0.4.5 typing_extensions soundfile==0.14.0 cffi==2.1.1 pycparser==3.12, fetched
+# with `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
+# --platform manylinux2014_x86_64 --platform any -d .whl ...`).
 # Usage: models/en-small/train_on_gpu.sh [BUDGET_SECONDS]   (default 420; CONFIG=... for another recipe)
 # Back here: cat en-small-slim.pt.part-* > slim.pt && gharial export slim.pt -o models/en-small/en-small.hwckpt
 set -euo pipefail
