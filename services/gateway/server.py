@@ -164,6 +164,7 @@ def serve(
         log_config=None,  # our JSON lines (configure_logging), not uvicorn's formats
         access_log=False,
         ws="websockets-sansio",
+        ws_per_message_deflate=False,  # audio frames do not compress: deflating them only costs CPU
         ws_max_size=settings.max_frame_bytes,
         timeout_graceful_shutdown=CLEANUP_S,
     )
