@@ -37,7 +37,8 @@ def train(
     from gharial.training.config import ConfigError, load_train_config
     from gharial.training.trainer import Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # force: an import may have configured the root logger already (seen on a GPU image)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     try:
         cfg = load_train_config(config)
         trainer = Trainer(cfg, run_dir or Path("runs") / cfg.name)
