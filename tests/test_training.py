@@ -837,6 +837,24 @@ def test_a_later_fit_of_the_budget_can_lengthen_the_run(
     assert yaml.safe_load((tmp_path / "tiny-test_run.yaml").read_text())["training_steps"] == 14
 
 
+def test_ctc_warmup_trains_only_the_encoder_and_ctc_head_first(corpus: Path, tmp_path: Path) -> None:
+    cfg = load_train_config(corpus / "train.yaml").model_copy(update={"ctc_warmup_steps": 2})
+    trainer = Trainer(cfg, tmp_path)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    params = dict(trainer.model.named_parameters())
+    later = [name for name in before if name.startswith(("rnnt.predictor.", "rnnt.joint."))]
+    first = [name for name in before if name.startswith(("rnnt.encoder.", "ctc_head."))]
+
+    def changed(names: list[str]) -> list[str]:
+        return [name for name in names if not torch.equal(before[name], params[name])]
+
+    trainer.train(steps=2)
+    assert later and changed(later) == [], "no gradient reaches the prediction network or joint"
+    assert changed(first) == first
+    trainer.train(steps=1)
+    assert changed(later) == later, "after the warm-up the RNN-T loss trains everything"
+
+
 def test_more_data_workers_make_the_same_batches(corpus: Path, tmp_path: Path) -> None:
     cfg = load_train_config(corpus / "train.yaml")
     one = Trainer(cfg, tmp_path / "one")

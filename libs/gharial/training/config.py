@@ -95,6 +95,12 @@ class TrainConfig(_Strict):
     ctc_weight: float = Field(
         0.3, ge=0, description="auxiliary CTC loss on the encoder (gets past the blank plateau)"
     )
+    ctc_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="first steps train only the encoder and CTC head, on the CTC loss: the encoder "
+        "learns acoustics before the prediction network can learn the transcripts by heart",
+    )
     seed: int = 1
     save_every: int = Field(250, gt=0, description="steps between checkpoints (last 3 kept, best kept)")
     val_every: int = Field(1000, gt=0)

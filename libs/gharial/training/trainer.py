@@ -204,12 +204,18 @@ class Trainer:
         return self.prefetcher.get(position)
 
     def loss(self, batch: Batch, initial_state: EncoderState | None) -> tuple[Tensor, EncoderState]:
-        """Summed RNN-T (+ CTC) loss of one micro-batch; backward runs here, slice by slice."""
+        """Summed loss of one micro-batch, RNN-T + ctc_weight × CTC (CTC alone during the CTC
+        warm-up); backward runs here, slice by slice."""
         rnnt = self.model.rnnt
         stack = self.model_cfg.encoder.stack_time
         batch = batch.to(self.device)
         enc, final_state = rnnt.encoder(batch.features, initial_state)
+        final_state = EncoderState(*(type(s)(*(x.detach() for x in s)) for s in final_state))
         enc_lengths = torch.div(batch.feature_lengths + stack - 1, stack, rounding_mode="floor")
+        if self.step < self.cfg.ctc_warmup_steps:
+            ctc = self.ctc_loss(enc, enc_lengths, batch)
+            (ctc / self.cfg.global_batch_size).backward()
+            return ctc.detach(), final_state
         sos = batch.targets.new_full((batch.targets.shape[0], 1), rnnt.blank_id)
         pred, _ = rnnt.predictor(torch.cat([sos, batch.targets], 1))
         # Slices of the joint reuse encoder/predictor outputs through detached leaves, whose
@@ -226,15 +232,19 @@ class Trainer:
             (part / self.cfg.global_batch_size).backward()
             total += part.detach()
         if self.cfg.ctc_weight:
-            log_probs = self.model.ctc_head(enc_leaf).float().log_softmax(-1).transpose(0, 1)
-            ctc = F.ctc_loss(
-                log_probs, batch.targets, enc_lengths, batch.target_lengths, blank=rnnt.blank_id,
-                reduction="sum", zero_infinity=True,
-            )  # fmt: skip
+            ctc = self.ctc_loss(enc_leaf, enc_lengths, batch)
             (self.cfg.ctc_weight * ctc / self.cfg.global_batch_size).backward()
             total += self.cfg.ctc_weight * ctc.detach()
         torch.autograd.backward([enc, pred], [enc_leaf.grad, pred_leaf.grad])
-        return total, EncoderState(*(type(s)(*(x.detach() for x in s)) for s in final_state))
+        return total, final_state
+
+    def ctc_loss(self, enc: Tensor, enc_lengths: Tensor, batch: Batch) -> Tensor:
+        """Summed CTC loss of the auxiliary head on encoder outputs enc [B, T, H]."""
+        log_probs = self.model.ctc_head(enc).float().log_softmax(-1).transpose(0, 1)
+        return F.ctc_loss(
+            log_probs, batch.targets, enc_lengths, batch.target_lengths, blank=self.model.rnnt.blank_id,
+            reduction="sum", zero_infinity=True,
+        )  # fmt: skip
 
     def rsp_state(self, batch_size: int, rng: random.Random) -> EncoderState | None:
         """Random state passing: sometimes start from the final state of an earlier batch."""
