@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -779,28 +780,44 @@ def test_a_time_budget_caps_the_steps_and_rewrites_the_run_config(
     assert (tmp_path / "checkpoints" / "step_0000005.pt").exists()
 
 
-def test_a_time_budget_stops_at_the_deadline_with_a_checkpoint(
-    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On a fake clock: steps take 1 s while the speed is measured, then 2 s, so the deadline (95% of
-    10 s) comes before the 9 steps the measured speed promised."""
+def train_on_a_fake_clock(
+    corpus: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fit_after: tuple[int, ...],
+    step_seconds: Callable[[int], float],
+    budget_s: float,
+) -> Trainer:
+    """A budgeted run of up to 1000 steps whose clock moves only when a step ends, by
+    step_seconds(steps done); the schedule is fitted after 1 untimed step and `fit_after` timed ones."""
     monkeypatch.setattr("gharial.training.trainer.BUDGET_WARMUP_STEPS", 1)
-    monkeypatch.setattr("gharial.training.trainer.BUDGET_FIT_AFTER", (1,))
+    monkeypatch.setattr("gharial.training.trainer.BUDGET_FIT_AFTER", fit_after)
     clock = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(
         "gharial.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: clock.now)
     )
     cfg = load_train_config(corpus / "train.yaml").model_copy(update={"training_steps": 1000})
-    trainer = Trainer(cfg, tmp_path)
+    trainer = Trainer(cfg, run_dir)
     real_step = trainer.train_step
 
     def timed_step() -> dict[str, float]:
         stats = real_step()
-        clock.now += 1.0 if trainer.step <= 3 else 2.0
+        clock.now += step_seconds(trainer.step)
         return stats
 
     trainer.train_step = timed_step  # type: ignore[method-assign]
-    trainer.train(time_budget_s=10)
+    trainer.train(time_budget_s=budget_s)
+    return trainer
+
+
+def test_a_time_budget_stops_at_the_deadline_with_a_checkpoint(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps take 1 s while the speed is measured, then 2 s, so the deadline (95% of 10 s) comes
+    before the 9 steps the measured speed promised."""
+    trainer = train_on_a_fake_clock(
+        corpus, tmp_path, monkeypatch, (1,), lambda done: 1.0 if done <= 3 else 2.0, budget_s=10
+    )
     # steps start at 0, 1, 2, 3, 5, 7, 9 (s): the 7th ends at 11 s, past the 9.5 s deadline
     assert trainer.step == 7
     run = yaml.safe_load((tmp_path / "tiny-test_run.yaml").read_text())
@@ -812,27 +829,12 @@ def test_a_time_budget_stops_at_the_deadline_with_a_checkpoint(
 def test_a_later_fit_of_the_budget_can_lengthen_the_run(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Fake clock: the first 3 steps take 2 s (workers starting), later ones 0.5 s. The first fit
-    (after 1 timed step) sees 2 s per step and plans 9 steps; the refit after 4 timed steps sees
-    1.25 s per step and plans 14: a first fit must not cap the later ones."""
-    monkeypatch.setattr("gharial.training.trainer.BUDGET_WARMUP_STEPS", 1)
-    monkeypatch.setattr("gharial.training.trainer.BUDGET_FIT_AFTER", (1, 4))
-    clock = types.SimpleNamespace(now=0.0)
-    monkeypatch.setattr(
-        "gharial.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: clock.now)
+    """The first 3 steps take 2 s (workers starting), later ones 0.5 s. The first fit (after 1 timed
+    step) sees 2 s per step and plans 9 steps; the refit after 4 timed steps sees 1.25 s per step
+    and plans 14: a first fit must not cap the later ones."""
+    trainer = train_on_a_fake_clock(
+        corpus, tmp_path, monkeypatch, (1, 4), lambda done: 2.0 if done <= 3 else 0.5, budget_s=20
     )
-    trainer = Trainer(
-        load_train_config(corpus / "train.yaml").model_copy(update={"training_steps": 1000}), tmp_path
-    )
-    real_step = trainer.train_step
-
-    def timed_step() -> dict[str, float]:
-        stats = real_step()
-        clock.now += 2.0 if trainer.step <= 3 else 0.5
-        return stats
-
-    trainer.train_step = timed_step  # type: ignore[method-assign]
-    trainer.train(time_budget_s=20)
     assert trainer.step == 14
     assert yaml.safe_load((tmp_path / "tiny-test_run.yaml").read_text())["training_steps"] == 14
 

@@ -215,7 +215,7 @@ def pack(
         Path, typer.Argument(help="corpus to pack (manifest, tar shards, audio folder or HF dataset)")
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="folder to write: audio/<id>.opus and manifest.json")
+        Path, typer.Option("--out", "-o", help="Parquet file to write (columns id, text, audio.bytes)")
     ],
     quality: Annotated[
         float,
