@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gharial.cli.client import client
+from gharial.plumbing.signals import wait_in_main_thread
 from gharial.stack import LocalStack, StackError
 
 
@@ -82,7 +83,7 @@ def up(
                     console.print(f"[red]the demo stream failed (exit {done.exit_code})[/]")
         if not exit_after_stream or then_stream is None:
             console.print("stack is up; Ctrl-C stops it")
-            stop.wait()
+            wait_in_main_thread(stop)
     except KeyboardInterrupt:
         pass
     finally:

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from gharial.plumbing.logs import log_event
+from gharial.plumbing.signals import wait_in_main_thread
 
 log = logging.getLogger(__name__)
 
@@ -99,5 +100,5 @@ class GrpcServer:
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
-        received.wait()
+        wait_in_main_thread(received)
         self.stop(grace_s, on_shutdown)
