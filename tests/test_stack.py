@@ -13,7 +13,9 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "clients" / "examples" / "cathy-
 
 
 def test_up_serves_the_example_through_the_gateway_and_stops_cleanly(tmp_path: Path) -> None:
-    stack = LocalStack(cards=2, backend="accelerator", gateway_port=0, workdir=tmp_path)
+    stack = LocalStack(
+        cards=2, backend="accelerator", gateway_port=0, workdir=tmp_path / "not-yet" / "made"
+    )  # up() makes it
     stack.up()
     try:
         names = [name for name, _ in stack.summary()]

@@ -107,6 +107,7 @@ class LocalStack:
         self.checkpoint = checkpoint or gharial_bundled_checkpoint()
         self.gateway_port = gateway_port
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gharial-up-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.services: list[ServiceProcess] = []
         self.redis: subprocess.Popen[bytes] | None = None
         self.redis_url = os.environ.get("REDIS_URL", "")
