@@ -13,15 +13,14 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "clients" / "examples" / "cathy-
 
 
 def test_up_serves_the_example_through_the_gateway_and_stops_cleanly(tmp_path: Path) -> None:
-    stack = LocalStack(
-        cards=2, backend="accelerator", gateway_port=0, workdir=tmp_path / "not-yet" / "made"
-    )  # up() makes it
+    workdir = tmp_path / "not-yet" / "made"  # up() makes it
+    stack = LocalStack(cards=2, backend="accelerator", gateway_port=0, workdir=workdir)
     stack.up()
     try:
         names = [name for name, _ in stack.summary()]
         cards = ["emulator-0", "transcriber-0", "emulator-1", "transcriber-1"]
         assert names == ["redis", "license", "compiler", *cards, "gateway"]
-        assert (tmp_path / "licences" / "card-1.lic").exists() and (tmp_path / "model.prog").exists()
+        assert (workdir / "licences" / "card-1.lic").exists() and (workdir / "model.prog").exists()
         host, port = stack.gateway_address
         done = subprocess.run(
             [

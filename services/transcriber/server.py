@@ -12,9 +12,10 @@ also be set as GHARIAL_TRANSCRIBER_<FLAG>, e.g. GHARIAL_TRANSCRIBER_MAX_STREAMS.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
-import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -27,20 +28,19 @@ from gharial.asr.decoding.beam import BeamConfig
 from gharial.asr.pipeline import SpeechToText, bundled_checkpoint
 from gharial.asr.streaming import StreamingConfig
 from gharial.balancer import WorkerRecord, WorkerRegistration
-from gharial.plumbing.grpc_server import GrpcServer
+from gharial.plumbing.grpc_aio_server import AsyncGrpcServer
 from gharial.plumbing.logs import configure_logging, log_event
+from gharial.plumbing.memory import freeze_startup_objects
 from gharial.protos import transcriber_pb2_grpc
 from gharial.transcription.accelerator import AcceleratorBackend, CardConnection
 from gharial.transcription.backend import Backend, BackendError
-from gharial.transcription.cpu import CpuBackend
+from gharial.transcription.cpu import DEFAULT_BATCH_WINDOW_S, CpuBackend
 from gharial.transcription.license_check import LicenseUnavailable, ask_license_service, check_license_dir
 from gharial.transcription.metrics import LICENSE_ALLOWED
 from gharial.transcription.service import SERVICE_NAME, ServedModel, TranscriberServicer
 
 log = logging.getLogger(__name__)
 
-# gRPC handler threads beyond one per stream: GetWorkerInfo, health checks, refusals
-SPARE_THREADS = 16
 CARD_CHECK_S = 2.0  # how often an accelerator worker checks that its card answers and runs the program
 
 
@@ -53,14 +53,20 @@ def _env(flag: str) -> str:
 
 
 def cpu_backend(
-    checkpoint: Path | None, beam_width: int, lm_scale: float, streaming: StreamingConfig, max_streams: int
+    checkpoint: Path | None,
+    beam_width: int,
+    lm_scale: float,
+    streaming: StreamingConfig,
+    max_streams: int,
+    batch_window_s: float,
 ) -> CpuBackend:
     try:
         ckpt = HardwareCheckpoint.load(checkpoint or bundled_checkpoint())
     except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError
         raise StartupError(str(error)) from error
     beam = BeamConfig(width=beam_width, lm_scale=lm_scale) if beam_width > 1 else None
-    return CpuBackend(SpeechToText(ckpt, beam_width=beam_width, streaming=streaming, beam=beam), max_streams)
+    stt = SpeechToText(ckpt, beam_width=beam_width, streaming=streaming, beam=beam)
+    return CpuBackend(stt, max_streams, batch_window_s)
 
 
 def accelerator_backend(
@@ -104,23 +110,21 @@ def accelerator_backend(
     return AcceleratorBackend(card, program, data, streaming, min(max_streams, card_streams))
 
 
-def watch_card(
-    backend: AcceleratorBackend,
-    server: GrpcServer,
-    registration: WorkerRegistration | None,
-    stop: threading.Event,
+async def watch_card(
+    backend: AcceleratorBackend, server: AsyncGrpcServer, registration: WorkerRegistration | None
 ) -> None:
     """Every CARD_CHECK_S: while the card does not answer (or cannot get its program back), the
     worker reports NOT_SERVING and draining, so load balancers send new streams elsewhere."""
     ready = True
-    while not stop.wait(CARD_CHECK_S):
-        now = backend.card_ready()
-        if now == ready or stop.is_set():
+    while True:
+        await asyncio.sleep(CARD_CHECK_S)
+        now = await asyncio.to_thread(backend.card_ready)
+        if now == ready:
             continue
         ready = now
         log_event(log, "card_ready" if ready else "card_lost", logging.INFO if ready else logging.WARNING,
                   card_id=backend.card.card_id)  # fmt: skip
-        server.set_serving(ready)
+        await server.set_serving(ready)
         if registration is not None:
             registration.set_draining(not ready)
 
@@ -157,6 +161,16 @@ def serve(
             "on the card: beam search there is not available in this version.",
         ),
     ] = 1,
+    batch_window_ms: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            envvar=_env("batch_window_ms"),
+            help="CPU backend: a model step waits for every open stream's frame, but no frame waits "
+            "longer than this (milliseconds); bigger batches hold more streams, a shorter window "
+            "answers sooner.",
+        ),
+    ] = DEFAULT_BATCH_WINDOW_S * 1000,
     beam_decoder: Annotated[
         bool,
         typer.Option(
@@ -309,7 +323,7 @@ def serve(
         backend: Backend
         if cpu_backend_flag:
             width = beam_width if beam_decoder else 1
-            backend = cpu_backend(checkpoint, width, lm_scale, streaming, max_streams)
+            backend = cpu_backend(checkpoint, width, lm_scale, streaming, max_streams, batch_window_ms / 1000)
         else:
             if beam_decoder and beam_width > 1:
                 log_event(log, "beam_search_unavailable", logging.WARNING, reason="the card decodes greedily")
@@ -322,23 +336,51 @@ def serve(
         raise typer.Exit(2) from error
 
     served = ServedModel(model_id=model_id or backend.model.name, version=model_version, lang=lang)
+    worker = WorkerOptions(
+        worker_id=worker_id,
+        redis_url=redis_url,
+        advertise_address=advertise_address,
+        host=host,
+        port=port,
+        metrics_port=metrics_port,
+        drain_seconds=drain_seconds,
+    )
+    asyncio.run(run_worker(backend, served, worker))
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Where and how the worker serves (the flags that are not about the model)."""
+
+    worker_id: str | None
+    redis_url: str | None
+    advertise_address: str | None
+    host: str
+    port: int
+    metrics_port: int
+    drain_seconds: float
+
+
+async def run_worker(backend: Backend, served: ServedModel, options: WorkerOptions) -> None:
+    """Serve until SIGTERM, registered for the load balancer when there is a Redis; then drain."""
     servicer = TranscriberServicer(backend, served, backend.max_streams)
-    server = GrpcServer("transcriber", host, port, max_workers=backend.max_streams + SPARE_THREADS)
+    server = AsyncGrpcServer("transcriber", options.host, options.port)
     server.add_service(transcriber_pb2_grpc.add_TranscriberServicer_to_server, servicer, SERVICE_NAME)
-    server.start(metrics_port=metrics_port)
+    await server.start(metrics_port=options.metrics_port)
+    freeze_startup_objects()
     if isinstance(backend, AcceleratorBackend):
         servicer.worker_id = backend.card.card_id
     else:
-        servicer.worker_id = worker_id or f"cpu-{socket.gethostname()}-{server.port}"
+        servicer.worker_id = options.worker_id or f"cpu-{socket.gethostname()}-{server.port}"
     registration = None
-    if redis_url is not None:
+    if options.redis_url is not None:
         record = WorkerRecord(
             worker_id=servicer.worker_id,
-            address=advertise_address or f"{advertised_host(host)}:{server.port}",
+            address=options.advertise_address or f"{advertised_host(options.host)}:{server.port}",
             models=[served.model_id],
             capacity=backend.max_streams,
         )
-        registration = WorkerRegistration(redis_url, record)
+        registration = WorkerRegistration(options.redis_url, record)
         registration.start()
     log_event(
         log,
@@ -349,23 +391,21 @@ def serve(
         version=served.version,
         max_streams=backend.max_streams,
     )
-
-    stop_watching = threading.Event()
+    watching = None
     if isinstance(backend, AcceleratorBackend):
-        threading.Thread(
-            target=watch_card, args=(backend, server, registration, stop_watching), daemon=True
-        ).start()
+        watching = asyncio.create_task(watch_card(backend, server, registration))
 
-    def shutdown() -> None:
-        stop_watching.set()
+    async def shutdown() -> None:
+        if watching is not None:
+            watching.cancel()
         if registration is not None:
             registration.set_draining(True)
-        servicer.drain(drain_seconds)
+        await servicer.drain(options.drain_seconds)
         if registration is not None:
             registration.stop()
         backend.close()
 
-    server.run_until_signal(on_shutdown=shutdown)
+    await server.run_until_signal(on_shutdown=shutdown)
 
 
 def main() -> None:

@@ -14,11 +14,14 @@ Beam search is not offered here: the card decodes greedily (its encoder-only mod
 beam search, is left for a later version), and keywords are ignored like greedy decoding ignores them.
 
 Frames of every stream travel on one long-lived RunFrames call; each stream has at most one frame
-in flight (it waits for the result before sending the next), as the card requires.
+in flight (it waits for the result before sending the next), as the card requires. The call's
+reader thread hands each result to the event loop, where the stream's coroutine waits for it;
+opening and closing a card stream (unary calls) run in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -164,14 +167,14 @@ class CardConnection:
         except grpc.RpcError as error:  # gone already (card restarted or shutting down): nothing to free
             log_event(log, "card_close_failed", logging.DEBUG, card_stream=stream_id, error=error.details())
 
-    def run_frame(self, request: pb.FrameRequest) -> pb.FrameResult:
+    async def run_frame(self, request: pb.FrameRequest) -> pb.FrameResult:
         """Send one frame and wait for its result; a dead RunFrames call is replaced by a new one."""
         with self._lock:
             if self._frames is None or not self._frames.alive:
                 self._frames = _RunFrames(self._stub, self.card_id)
             frames = self._frames
         try:
-            result = frames.send(request).result(timeout=FRAME_TIMEOUT_S)
+            result = await asyncio.wait_for(asyncio.wrap_future(frames.send(request)), FRAME_TIMEOUT_S)
         except TimeoutError as error:
             raise BackendError(f"card {self.card_id}: no result within {FRAME_TIMEOUT_S:.0f} s") from error
         if result.error.code:
@@ -207,8 +210,8 @@ class AcceleratorBackend:
         pieces = tokenizer.id_to_piece
         self.eos_token_id = pieces.index(EOS_PIECE) if EOS_PIECE in pieces else None
 
-    def open_stream(self, keywords: list[list[int]]) -> CardStream:
-        return CardStream(self, self.card.open_stream())
+    async def open_stream(self, keywords: list[list[int]]) -> CardStream:
+        return CardStream(self, await asyncio.to_thread(self.card.open_stream))
 
     def card_ready(self) -> bool:
         """Whether the card answers and runs the program; a card that came back empty (restarted)
@@ -240,7 +243,7 @@ class CardStream:
         self.tokens: list[Token] = []  # since the last commit, EOS tokens included
         self._closed = False
 
-    def step(self, features: Tensor) -> Decoded:
+    async def step(self, features: Tensor) -> Decoded:
         segment = self.backend.streaming.segment_frames
         reset = bool(segment) and self.frame > 0 and self.frame % segment == 0
         final = self._commit() if reset else []
@@ -250,7 +253,7 @@ class CardStream:
             features=features.numpy().astype("<f4").tobytes(),
             reset_state=reset,
         )
-        result = self.backend.card.run_frame(request)
+        result = await self.backend.card.run_frame(request)
         self.tokens += [Token(int(token), self.frame) for token in result.tokens]
         if self._at_endpoint():
             final += self._commit()
@@ -261,10 +264,10 @@ class CardStream:
     def finish(self) -> list[Token]:
         return self._commit()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.backend.card.close_stream(self.card_stream)
+            await asyncio.to_thread(self.backend.card.close_stream, self.card_stream)
 
     def _at_endpoint(self) -> bool:
         """`Recognizer`'s rule: an EOS token, or `endpoint_silence_ms` since the last token."""

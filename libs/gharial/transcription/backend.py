@@ -3,7 +3,8 @@ accelerator card (`accelerator.py`).
 
 A backend runs the model for many streams at once; each stream sends it one 60 ms frame of
 features at a time and waits for that frame's decoding before sending the next, the pattern both
-a batched CPU step and the card's one-frame-in-flight rule need.
+a batched CPU step and the card's one-frame-in-flight rule need. Backends are used from the
+transcriber's event loop: what waits is a coroutine, never a thread.
 """
 
 from __future__ import annotations
@@ -46,15 +47,15 @@ class BackendFull(Exception):
 
 
 class BackendStream(Protocol):
-    def step(self, features: Tensor) -> Decoded:
-        """Decode one 60 ms frame, features [features_per_frame, F]; blocks until it is decoded."""
+    async def step(self, features: Tensor) -> Decoded:
+        """Decode one 60 ms frame, features [features_per_frame, F]."""
         ...
 
     def finish(self) -> list[Token]:
         """End of stream: the tokens still unfinalised, now final."""
         ...
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Free the stream's resources; safe to call more than once."""
         ...
 
@@ -64,7 +65,7 @@ class Backend(Protocol):
     model: ModelAssets
     max_streams: int  # what the backend itself can hold
 
-    def open_stream(self, keywords: list[list[int]]) -> BackendStream:
+    async def open_stream(self, keywords: list[list[int]]) -> BackendStream:
         """A new stream; `keywords` (token-id sequences) are boosted where the decoder supports it.
         Raises BackendFull or BackendError."""
         ...

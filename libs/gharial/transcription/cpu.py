@@ -1,15 +1,22 @@
-"""The CPU backend: a hardware checkpoint run by `Recognizer`, every waiting stream in one step.
+"""The CPU backend: a hardware checkpoint run by `Recognizer`, many streams' frames in one step.
 
-One thread runs the steps. Each step takes every frame waiting at that moment (one per stream) and
-advances all those streams with one `Recognizer.step` call, and the next step starts as soon as it
-returns, so a frame waits at most one step before its own. Greedy or beam decoding, n-gram LM
-fusion, keyword boosting, state resets and endpoints are the recognizer's (`gharial.asr`).
+Steps run on the transcriber's event loop. Each step takes every frame waiting at that moment (one
+per stream) and advances all those streams with one `Recognizer.step` call. A step starts once
+every open stream has its frame waiting, or once the oldest waiting frame has waited the batch
+window, whichever comes first: like the card's 60 ms batches, but a frame waits at most the window.
+
+Why wait at all: a step at a small batch is bound by reading the weights (the whole model streams
+through the cache every step: en-small costs ~4 ms a step at batch 1 and ~24 ms at batch 100,
+0.24 ms a frame), so steps run as soon as any frame arrives spend the core on weight traffic.
+`bench/serving.py` measures it. Greedy or beam decoding, n-gram LM fusion, keyword boosting, state
+resets and endpoints are the recognizer's (`gharial.asr`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,94 +33,111 @@ from gharial.transcription.metrics import BATCH_SIZE
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BATCH_WINDOW_S = 0.03
+
 
 @dataclass
 class _Frame:
-    """One stream's frame waiting for a step, and then its result."""
+    """One stream's frame waiting for a step; its result arrives on `decoded`."""
 
     stream: Stream[Any]
     features: Tensor
-    done: threading.Event = field(default_factory=threading.Event)
-    decoded: Decoded | None = None
-    error: Exception | None = None
+    decoded: asyncio.Future[Decoded]
+    arrived: float = field(default_factory=time.monotonic)
 
 
 class CpuBackend:
     kind = "cpu"
 
-    def __init__(self, stt: SpeechToText, max_streams: int) -> None:
+    def __init__(
+        self, stt: SpeechToText, max_streams: int, batch_window_s: float = DEFAULT_BATCH_WINDOW_S
+    ) -> None:
         self.model = ModelAssets(stt.checkpoint.config.name, stt.features, stt.tokenizer)
         self.max_streams = max_streams
+        self.batch_window_s = batch_window_s
         self.recognizer = stt.recognizer
         decoder = stt.recognizer.decoder
         self.beam_width = decoder.config.width if isinstance(decoder, BeamDecoder) else 0
         self._waiting: list[_Frame] = []
-        self._condition = threading.Condition()
+        self._open_streams = 0
+        self._timer: asyncio.TimerHandle | None = None  # the window of the oldest waiting frame
         self._closed = False
-        self._thread = threading.Thread(target=self._run_steps, name="cpu-steps", daemon=True)
-        self._thread.start()
 
-    def open_stream(self, keywords: list[list[int]]) -> CpuStream:
+    async def open_stream(self, keywords: list[list[int]]) -> CpuStream:
         options = {"keywords": keywords} if self.beam_width and keywords else {}
+        self._open_streams += 1
         return CpuStream(self, self.recognizer.new_stream(**options))
 
-    def run(self, stream: Stream[Any], features: Tensor) -> Decoded:
-        """Queue one frame for the next step and wait for its result."""
-        frame = _Frame(stream, features)
-        with self._condition:
-            if self._closed:
-                raise BackendError("the CPU backend has stopped")
-            self._waiting.append(frame)
-            self._condition.notify()
-        frame.done.wait()
-        if frame.decoded is None:
-            raise BackendError(f"model step failed: {frame.error}") from frame.error
-        return frame.decoded
+    def release_stream(self) -> None:
+        self._open_streams -= 1
+        self._step_if_complete()  # the frames waiting may now be every open stream's
+
+    async def run(self, stream: Stream[Any], features: Tensor) -> Decoded:
+        """Queue one frame for a step and wait for its result."""
+        if self._closed:
+            raise BackendError("the CPU backend has stopped")
+        loop = asyncio.get_running_loop()
+        frame = _Frame(stream, features, loop.create_future())
+        self._waiting.append(frame)
+        if len(self._waiting) == 1:
+            self._timer = loop.call_at(loop.time() + self.batch_window_s, self._step)
+        self._step_if_complete()
+        return await frame.decoded
 
     def close(self) -> None:
-        with self._condition:
-            self._closed = True
-            self._condition.notify()
-        self._thread.join()
+        self._closed = True
+        self._step()
 
-    def _run_steps(self) -> None:
-        while True:
-            with self._condition:
-                while not self._waiting and not self._closed:
-                    self._condition.wait()
-                if not self._waiting:
-                    return
-                batch, self._waiting = self._waiting, []
-            BATCH_SIZE.observe(len(batch))
-            try:
-                self._step(batch)
-            except Exception as error:  # fail this batch's streams, keep serving the others
-                log_event(log, "model_step_failed", logging.ERROR, streams=len(batch), error=repr(error))
-                for frame in batch:
-                    frame.error = error
+    def _step_if_complete(self) -> None:
+        """Step now if every open stream has its frame waiting (each has at most one in flight)."""
+        if self._waiting and len(self._waiting) >= self._open_streams:
+            self._step()
+
+    def _step(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch = [frame for frame in self._waiting if not frame.decoded.done()]  # not cancelled
+        self._waiting = []
+        if not batch:
+            return
+        BATCH_SIZE.observe(len(batch))
+        try:
+            decoded = self._decode(batch)
+        except Exception as error:  # fail this batch's streams, keep serving the others
+            log_event(log, "model_step_failed", logging.ERROR, streams=len(batch), error=repr(error))
             for frame in batch:
-                frame.done.set()
+                frame.decoded.set_exception(BackendError(f"model step failed: {error!r}"))
+            return
+        for frame, result in zip(batch, decoded, strict=True):
+            frame.decoded.set_result(result)
 
-    def _step(self, batch: list[_Frame]) -> None:
+    def _decode(self, batch: list[_Frame]) -> list[Decoded]:
         features = torch.stack([frame.features for frame in batch])
         results = self.recognizer.step(features, [frame.stream for frame in batch])
         decoder, eos = self.recognizer.decoder, self.recognizer.eos_token_id
+        decoded = []
         for frame, result in zip(batch, results, strict=True):
             nbest = decoder.nbest(frame.stream.main.decoder, max(1, self.beam_width))
             shown = [([t for t in tokens if t.id != eos], score) for tokens, score in nbest]
-            frame.decoded = Decoded(result.final or [], result.provisional, shown)
+            decoded.append(Decoded(result.final or [], result.provisional, shown))
+        return decoded
 
 
 @dataclass
 class CpuStream:
     backend: CpuBackend
     stream: Stream[Any]
+    closed: bool = False
 
-    def step(self, features: Tensor) -> Decoded:
-        return self.backend.run(self.stream, features)
+    async def step(self, features: Tensor) -> Decoded:
+        return await self.backend.run(self.stream, features)
 
     def finish(self) -> list[Token]:
         return self.backend.recognizer.finish(self.stream)
 
-    def close(self) -> None:
-        """Nothing to free: the stream's state is ordinary Python objects."""
+    async def close(self) -> None:
+        """The stream's state is ordinary Python objects; closing only stops steps waiting for it."""
+        if not self.closed:
+            self.closed = True
+            self.backend.release_stream()

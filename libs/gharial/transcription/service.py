@@ -1,8 +1,8 @@
 """`gharial.v1.Transcriber` (protos/transcriber.proto) over any backend: admission, calls, draining.
 
-A Transcribe call is served by two threads: gRPC's handler thread, which only hands responses to
-gRPC, and the call's own thread, which reads the requests and runs the stream's `Session`. They
-meet at a queue, so the handler can also be told to end the call when draining runs out of time.
+Calls run on one event loop (`grpc.aio`): a Transcribe call is a coroutine that reads a request,
+runs it through the stream's `Session` and yields the response. Draining ends the calls that do
+not finish in time by cancelling their tasks, which then end with UNAVAILABLE.
 
 Refusals: a bad StreamConfig is INVALID_ARGUMENT naming the field; a full worker (max streams, or
 the card's state memory) RESOURCE_EXHAUSTED; a draining worker, or a backend that cannot go on
@@ -11,12 +11,11 @@ the card's state memory) RESOURCE_EXHAUSTED; a draining worker, or a backend tha
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, NamedTuple, NoReturn
 
 import grpc
@@ -97,98 +96,66 @@ def _primary_language(tag: str) -> str:
 
 
 class _End(NamedTuple):
-    """How a call ends: its status and, unless OK, the message."""
+    """How a call ends: its outcome (for logs and metrics), its status and, unless OK, the message."""
 
+    outcome: str
     code: grpc.StatusCode
     message: str = ""
 
 
 class _Call:
-    """One Transcribe call's thread: requests in, the session's responses onto `responses`, then
-    the call's `_End` once the stream's resources are freed."""
+    """One admitted Transcribe call: its session and the task serving it (for draining)."""
 
-    def __init__(
-        self,
-        session: Session,
-        requests: Iterator[pb.TranscribeRequest],
-        context: grpc.ServicerContext,
-        stream_id: str,
-        on_closed: Callable[[_Call], None],
-    ) -> None:
+    def __init__(self, session: Session, stream_id: str) -> None:
         self.session = session
         self.stream_id = stream_id
-        self.responses: queue.Queue[pb.TranscribeResponse | _End] = queue.Queue()
-        self._requests = requests
-        self._context = context
-        self._on_closed = on_closed
-        self._stopping = threading.Event()
-        self._interrupted = False
-        self._thread = threading.Thread(target=self._run, name=f"stream-{stream_id}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop after the current request (the RPC has ended or is ending)."""
-        self._stopping.set()
+        self.task = asyncio.current_task()
+        self.interrupted = ""  # set by draining: why the call ends now
+        # How the call ended; a call closed from outside (the client went away) keeps this one.
+        self.end = _End("cancelled", grpc.StatusCode.CANCELLED)
 
     def interrupt(self, message: str) -> None:
-        """End the call now with UNAVAILABLE (draining ran out of time)."""
-        self._interrupted = True
-        self._stopping.set()
-        self.responses.put(_End(grpc.StatusCode.UNAVAILABLE, message))
+        self.interrupted = message
+        if self.task is not None:
+            self.task.cancel()
 
-    def _run(self) -> None:
-        started = time.monotonic()
-        outcome, end = "internal", _End(grpc.StatusCode.INTERNAL, "internal error")
+    async def serve(
+        self, requests: AsyncIterator[pb.TranscribeRequest]
+    ) -> AsyncIterator[pb.TranscribeResponse]:
+        """The responses, one per audio request and one at end of stream; then `self.end` says how
+        the call ended."""
         try:
-            outcome, end = self._serve()
+            async for request in requests:
+                part = request.WhichOneof("part")
+                if part == "audio":
+                    yield await self.session.audio(request.audio)
+                elif part == "end_of_stream":
+                    yield await self.session.end()
+                    self.end = _End("completed", grpc.StatusCode.OK)
+                    return
+                else:
+                    message = "config: only the first message may be a config"
+                    self.end = _End("invalid_argument", grpc.StatusCode.INVALID_ARGUMENT, message)
+                    return
+            self.end = _End(
+                "invalid_argument",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the requests ended without end_of_stream",
+            )
         except BadAudio as error:
-            outcome, end = "invalid_argument", _End(grpc.StatusCode.INVALID_ARGUMENT, f"audio: {error}")
+            self.end = _End("invalid_argument", grpc.StatusCode.INVALID_ARGUMENT, f"audio: {error}")
         except BackendError as error:
             ERRORS.labels(kind="backend").inc()
-            outcome, end = "backend_error", _End(grpc.StatusCode.UNAVAILABLE, str(error))
-        except grpc.RpcError:
-            outcome, end = "cancelled", _End(grpc.StatusCode.CANCELLED)
+            self.end = _End("backend_error", grpc.StatusCode.UNAVAILABLE, str(error))
+        except asyncio.CancelledError:
+            if not self.interrupted:  # the client went away
+                raise
+            self.end = _End("interrupted", grpc.StatusCode.UNAVAILABLE, self.interrupted)
         except Exception:
+            self.end = _End("internal", grpc.StatusCode.INTERNAL, "internal error")
             ERRORS.labels(kind="internal").inc()
             fields = {"stream_id": self.stream_id}
             log.error("stream_failed", exc_info=True, extra={"event": "stream_failed", "fields": fields})
-        finally:
-            if self._interrupted:
-                outcome = "interrupted"
-            self.session.close()
-            STREAMS.labels(outcome=outcome).inc()
-            closed: dict[str, Any] = {
-                "stream_id": self.stream_id,
-                "outcome": outcome,
-                "frames": self.session.frames_answered,
-                "seconds": round(time.monotonic() - started, 3),
-            }
-            if end.message:
-                closed["error"] = end.message
-            log_event(log, "stream_closed", **closed)
-            self._on_closed(self)
-            self.responses.put(end)
-
-    def _serve(self) -> tuple[str, _End]:
-        for request in self._requests:
-            if self._stopping.is_set():  # the call is over: nothing more will be read
-                return "cancelled", _End(grpc.StatusCode.CANCELLED)
-            part = request.WhichOneof("part")
-            if part == "audio":
-                self.responses.put(self.session.audio(request.audio))
-            elif part == "end_of_stream":
-                self.responses.put(self.session.end())
-                return "completed", _End(grpc.StatusCode.OK)
-            else:
-                message = "config: only the first message may be a config"
-                return "invalid_argument", _End(grpc.StatusCode.INVALID_ARGUMENT, message)
-        if not self._context.is_active():
-            return "cancelled", _End(grpc.StatusCode.CANCELLED)
-        return "invalid_argument", _End(
-            grpc.StatusCode.INVALID_ARGUMENT, "the requests ended without end_of_stream"
-        )
 
 
 class TranscriberServicer(transcriber_pb2_grpc.TranscriberServicer):
@@ -200,10 +167,13 @@ class TranscriberServicer(transcriber_pb2_grpc.TranscriberServicer):
         self.draining = False
         self._calls: set[_Call] = set()
         self._open = 0  # admitted streams, counted from admission (before their call exists)
-        self._condition = threading.Condition()
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
         MAX_STREAMS.set(max_streams)
 
-    def GetWorkerInfo(self, request: pb.GetWorkerInfoRequest, context: grpc.ServicerContext) -> pb.WorkerInfo:
+    async def GetWorkerInfo(
+        self, request: pb.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WorkerInfo:
         return pb.WorkerInfo(
             worker_id=self.worker_id,
             backend=self.backend.kind,
@@ -213,60 +183,53 @@ class TranscriberServicer(transcriber_pb2_grpc.TranscriberServicer):
             draining=self.draining,
         )
 
-    def Transcribe(
-        self, request_iterator: Iterator[pb.TranscribeRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.TranscribeResponse]:
-        first = next(request_iterator, None)
+    async def Transcribe(
+        self, request_iterator: AsyncIterator[pb.TranscribeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TranscribeResponse]:
+        first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "config":
-            self._refuse(
+            await self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "config: the first message must be a config"
             )
         try:
             options = validate_config(first.config, self.served, self.backend.model.tokenizer)
         except InvalidConfig as error:
-            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(error), first.config.stream_id)
-        call = self._open_call(options, request_iterator, context)
-        context.add_callback(call.stop)
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(error), first.config.stream_id)
+        call = await self._open_call(options, context)
+        started = time.monotonic()
         try:
-            while not isinstance(item := call.responses.get(), _End):
-                yield item
+            async for response in call.serve(request_iterator):
+                yield response
         finally:
-            call.stop()
-        if item.code != grpc.StatusCode.OK:
-            _abort(context, item.code, item.message)
+            await self._close_call(call, started)
+        if call.end.code != grpc.StatusCode.OK:
+            await _abort(context, call.end.code, call.end.message)
 
-    def _open_call(
-        self, options: StreamOptions, requests: Iterator[pb.TranscribeRequest], context: grpc.ServicerContext
-    ) -> _Call:
-        with self._condition:
-            if self.draining:
-                refusal = (grpc.StatusCode.UNAVAILABLE, "the worker is draining: it takes no new streams")
-            elif self._open >= self.max_streams:
-                refusal = (
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the worker is full ({self.max_streams} streams)",
-                )
-            else:
-                refusal = None
-                self._set_open(self._open + 1)
-        if refusal is not None:
-            self._refuse(context, *refusal, options.stream_id)
+    async def _open_call(self, options: StreamOptions, context: grpc.aio.ServicerContext) -> _Call:
+        if self.draining:
+            await self._refuse(
+                context, grpc.StatusCode.UNAVAILABLE, "the worker is draining: it takes no new streams",
+                options.stream_id,
+            )  # fmt: skip
+        if self._open >= self.max_streams:
+            full = f"the worker is full ({self.max_streams} streams)"
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, full, options.stream_id)
+        self._set_open(self._open + 1)
         try:
-            stream = self.backend.open_stream(options.keywords)
+            stream = await self.backend.open_stream(options.keywords)
         except (BackendFull, BackendError) as error:
-            self._release()
+            self._set_open(self._open - 1)
             code = (
                 grpc.StatusCode.RESOURCE_EXHAUSTED
                 if isinstance(error, BackendFull)
                 else grpc.StatusCode.UNAVAILABLE
             )
-            self._refuse(context, code, str(error), options.stream_id)
+            await self._refuse(context, code, str(error), options.stream_id)
         session = Session(
             stream, self.backend.model, options.alternatives, options.first_frame, options.continues_text
         )
-        call = _Call(session, requests, context, options.stream_id, self._closed)
-        with self._condition:
-            self._calls.add(call)
+        call = _Call(session, options.stream_id)
+        self._calls.add(call)
         log_event(
             log,
             "stream_opened",
@@ -275,25 +238,37 @@ class TranscriberServicer(transcriber_pb2_grpc.TranscriberServicer):
             keywords=len(options.keywords),
             first_frame=options.first_frame,
         )
-        call.start()
         return call
 
-    def _closed(self, call: _Call) -> None:
-        with self._condition:
+    async def _close_call(self, call: _Call, started: float) -> None:
+        """Free the stream's resources, count and log how it ended."""
+        end = call.end
+        try:
+            await asyncio.shield(call.session.close())
+        finally:
+            STREAMS.labels(outcome=end.outcome).inc()
+            closed: dict[str, Any] = {
+                "stream_id": call.stream_id,
+                "outcome": end.outcome,
+                "frames": call.session.frames_answered,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+            if end.message:
+                closed["error"] = end.message
+            log_event(log, "stream_closed", **closed)
             self._calls.discard(call)
-        self._release()
-
-    def _release(self) -> None:
-        with self._condition:
             self._set_open(self._open - 1)
-            self._condition.notify_all()
 
     def _set_open(self, count: int) -> None:
         self._open = count
         STREAMS_OPEN.set(count)
+        if count == 0:
+            self._all_closed.set()
+        else:
+            self._all_closed.clear()
 
-    def _refuse(
-        self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str, stream_id: str = ""
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, stream_id: str = ""
     ) -> NoReturn:
         reason = {
             grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
@@ -301,24 +276,32 @@ class TranscriberServicer(transcriber_pb2_grpc.TranscriberServicer):
         }.get(code, "draining" if self.draining else "unavailable")
         REJECTS.labels(reason=reason).inc()
         log_event(log, "stream_refused", stream_id=stream_id, reason=reason, message=message)
-        _abort(context, code, message)
+        await _abort(context, code, message)
 
-    def drain(self, seconds: float) -> None:
+    async def drain(self, seconds: float) -> None:
         """Take no new streams; give the open ones `seconds` to finish, then end the rest with UNAVAILABLE."""
-        with self._condition:
-            self.draining = True
-            DRAINING.set(1)
-            log_event(log, "draining", streams_open=self._open, drain_seconds=seconds)
-            self._condition.wait_for(lambda: self._open == 0, timeout=seconds)
-            remaining = list(self._calls)
+        self.draining = True
+        DRAINING.set(1)
+        log_event(log, "draining", streams_open=self._open, drain_seconds=seconds)
+        if await _wait(self._all_closed, seconds):
+            return
+        remaining = list(self._calls)
         for call in remaining:
             call.interrupt(f"the worker is shutting down; the stream did not finish within {seconds:g} s")
         if remaining:
             log_event(log, "streams_interrupted", logging.WARNING, streams=len(remaining))
-        with self._condition:
-            self._condition.wait_for(lambda: self._open == 0, timeout=INTERRUPT_WAIT_S)
+        await _wait(self._all_closed, INTERRUPT_WAIT_S)
 
 
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` is set within `seconds`."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
     raise AssertionError("context.abort always raises")

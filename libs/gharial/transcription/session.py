@@ -54,7 +54,7 @@ class Session:
         self.text_start = first_frame  # frame where the unfinalised text starts
         self.ended_short = False  # a short (so last) frame has come
 
-    def audio(self, data: bytes) -> pb.TranscribeResponse:
+    async def audio(self, data: bytes) -> pb.TranscribeResponse:
         """One frame of S16LE audio → its response."""
         received = time.perf_counter()
         if self.ended_short:
@@ -68,7 +68,7 @@ class Session:
             self.ended_short = True
             features = torch.cat([features, self.features.flush()])
         STAGE_SECONDS.labels(stage="features").observe(time.perf_counter() - received)
-        decoded = self._decode(features)
+        decoded = await self._decode(features)
         started = time.perf_counter()
         index = self.next_frame
         self.next_frame += 1
@@ -83,24 +83,24 @@ class Session:
         FRAMES.inc()
         return response
 
-    def end(self) -> pb.TranscribeResponse:
+    async def end(self) -> pb.TranscribeResponse:
         """End of stream → the final response, whose frame index is the one after the last frame.
         A stream that sent no audio still has one frame of padding decoded, as offline recognition
         of empty audio does."""
         padding = self.features.flush()
-        final = self._decode(padding).final if len(padding) else []
+        final = (await self._decode(padding)).final if len(padding) else []
         return self._final(final + self.stream.finish(), self.next_frame)
 
-    def close(self) -> None:
-        self.stream.close()
+    async def close(self) -> None:
+        await self.stream.close()
 
     @property
     def frames_answered(self) -> int:
         return self.next_frame - self.first_frame
 
-    def _decode(self, features: torch.Tensor) -> Decoded:
+    async def _decode(self, features: torch.Tensor) -> Decoded:
         started = time.perf_counter()
-        decoded = self.stream.step(features)
+        decoded = await self.stream.step(features)
         STAGE_SECONDS.labels(stage="model").observe(time.perf_counter() - started)
         return decoded
 
