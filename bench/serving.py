@@ -41,7 +41,18 @@ from gharial.protos import transcriber_pb2, transcriber_pb2_grpc
 from gharial.stack import Backend, LocalStack
 
 RESULTS = Path(__file__).parent / "results" / "serving.json"
-DEFAULT_AUDIO = Path(__file__).resolve().parents[1] / "clients" / "examples" / "cathy-arctic-b0460.flac"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_AUDIO = REPO_ROOT / "clients" / "examples" / "cathy-arctic-b0460.flac"
+# Utterances of many lengths, so streams start and end at different moments as independent
+# clients' do; streams all looping one file would open and close together every few seconds.
+SPEECH_DEV_AUDIO = REPO_ROOT.parent / "shared" / "data" / "speech-dev" / "audio"
+
+
+def default_audio() -> list[Path]:
+    """speech-dev's recordings when they are here, else the bundled example."""
+    return sorted(SPEECH_DEV_AUDIO.glob("*.wav")) or [EXAMPLE_AUDIO]
+
+
 STEPS = [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256, 320, 384, 512]
 P99_LIMIT_MS = 100.0
 
@@ -177,7 +188,10 @@ def main(
     ] = 4,
     audio: Annotated[
         list[Path] | None,
-        typer.Option(help="audio files streamed (repeat the flag); default: the bundled example"),
+        typer.Option(
+            help="audio files streamed (repeat the flag); default: every speech-dev recording (68 "
+            "utterances of 2-5 s), or the bundled example where speech-dev is missing"
+        ),
     ] = None,
 ) -> None:
     """Serving capacity, gateway overhead and memory per stream of the local stack."""
@@ -186,7 +200,7 @@ def main(
     if backend not in choices:
         raise typer.BadParameter("one of cpu, accelerator, both", param_hint="--backend")
     backends = choices[backend]
-    inputs = [Audio.load(path) for path in (audio or [DEFAULT_AUDIO])]
+    inputs = [Audio.load(path) for path in (audio or default_audio())]
     results = [bench_backend(b, inputs, max_streams, seconds, overhead_streams) for b in backends]
     table = Table(
         title=f"serving capacity: p99 ≤ {P99_LIMIT_MS:.0f} ms, no drops ({seconds:.0f} s per point)"

@@ -32,7 +32,7 @@ import typer
 from machine import machine_info
 from rich.console import Console
 from rich.table import Table
-from serving import DEFAULT_AUDIO, stack_rss
+from serving import default_audio, stack_rss
 
 from gharial.clients.perf import Audio, PerfConfig, run_perf
 from gharial.stack import Backend, LocalStack
@@ -211,7 +211,10 @@ def main(
     ] = 2.0,
     audio: Annotated[
         list[Path] | None,
-        typer.Option(help="audio files streamed (repeat the flag); default: the bundled example"),
+        typer.Option(
+            help="audio files streamed (repeat the flag); default: as bench/serving.py (every "
+            "speech-dev recording, else the bundled example)"
+        ),
     ] = None,
     json_out: Annotated[Path, typer.Option(help="where the results JSON goes")] = RESULTS,
 ) -> None:
@@ -219,7 +222,7 @@ def main(
     after each window, RSS and open fds per service and Redis memory. FAIL (exit 1) on memory
     growth, dropped responses or stream errors."""
     windows = max(2, round(minutes * 60 / window_seconds))
-    inputs = [Audio.load(path) for path in (audio or [DEFAULT_AUDIO])]
+    inputs = [Audio.load(path) for path in (audio or default_audio())]
     document = soak(backend, inputs, streams, windows, window_seconds, max_growth_mib_per_min)
     print_table(document)
     json_out.parent.mkdir(parents=True, exist_ok=True)

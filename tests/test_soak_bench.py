@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from serving import DEFAULT_AUDIO
+from serving import EXAMPLE_AUDIO
 from soak import soak, verdict
 
 from gharial.clients.perf import Audio
 
 
 def test_a_short_soak_records_every_window_and_drops_nothing() -> None:
-    document = json.loads(json.dumps(soak("cpu", [Audio.load(DEFAULT_AUDIO)], 2, 2, 5.0, 2.0)))
+    document = json.loads(json.dumps(soak("cpu", [Audio.load(EXAMPLE_AUDIO)], 2, 2, 5.0, 2.0)))
     assert set(document) == {"config", "machine", "windows", "verdict"}
     assert document["config"]["streams"] == 2
     rows = document["windows"]

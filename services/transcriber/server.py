@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from pydantic import ValidationError
 
@@ -171,6 +172,16 @@ def serve(
             "answers sooner.",
         ),
     ] = DEFAULT_BATCH_WINDOW_S * 1000,
+    torch_threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar=_env("torch_threads"),
+            help="CPU backend: threads one model step may use. 1 (the default) leaves the other cores "
+            "to the gateway and the event loop; torch's idle threads spin, and at streaming batch sizes "
+            "a second thread saves less than it takes.",
+        ),
+    ] = 1,
     beam_decoder: Annotated[
         bool,
         typer.Option(
@@ -322,6 +333,7 @@ def serve(
         streaming = StreamingConfig(sr_segment_s=sr_segment if state_resets else 0.0, sr_overlap_s=sr_overlap)
         backend: Backend
         if cpu_backend_flag:
+            torch.set_num_threads(torch_threads)
             width = beam_width if beam_decoder else 1
             backend = cpu_backend(checkpoint, width, lm_scale, streaming, max_streams, batch_window_ms / 1000)
         else:
