@@ -47,14 +47,13 @@ EXAMPLE_AUDIO = REPO_ROOT / "clients" / "examples" / "cathy-arctic-b0460.flac"
 # clients' do; streams all looping one file would open and close together every few seconds.
 SPEECH_DEV_AUDIO = REPO_ROOT.parent / "shared" / "data" / "speech-dev" / "audio"
 
+STEPS = [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256, 320, 384, 512]
+P99_LIMIT_MS = 100.0
+
 
 def default_audio() -> list[Path]:
     """speech-dev's recordings when they are here, else the bundled example."""
     return sorted(SPEECH_DEV_AUDIO.glob("*.wav")) or [EXAMPLE_AUDIO]
-
-
-STEPS = [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256, 320, 384, 512]
-P99_LIMIT_MS = 100.0
 
 
 def rss_mib(pid: int) -> float:

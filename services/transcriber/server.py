@@ -378,8 +378,8 @@ async def run_worker(backend: Backend, served: ServedModel, options: WorkerOptio
     servicer = TranscriberServicer(backend, served, backend.max_streams)
     server = AsyncGrpcServer("transcriber", options.host, options.port)
     server.add_service(transcriber_pb2_grpc.add_TranscriberServicer_to_server, servicer, SERVICE_NAME)
+    freeze_startup_objects()  # before the first stream can arrive: the collection takes ~130 ms
     await server.start(metrics_port=options.metrics_port)
-    freeze_startup_objects()
     if isinstance(backend, AcceleratorBackend):
         servicer.worker_id = backend.card.card_id
     else:

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from gharial.plumbing.grpc_server import MAX_MESSAGE_BYTES
+from gharial.plumbing.grpc_server import MESSAGE_SIZE_OPTIONS, serving_status
 from gharial.plumbing.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,7 @@ class AsyncGrpcServer:
         self.requested_port = port
         self.port = 0
         self.metrics_port: int | None = None
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        self.server = grpc.aio.server(options=MESSAGE_SIZE_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
@@ -64,11 +59,8 @@ class AsyncGrpcServer:
         log_event(log, "server_started", grpc_port=self.port, metrics_port=self.metrics_port)
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for name in ["", *self._service_names]:
-            await self.health.set(name, status)
+            await self.health.set(name, serving_status(serving))
 
     async def run_until_signal(
         self, on_shutdown: Callable[[], Awaitable[None]] | None = None, grace_s: float = 5.0

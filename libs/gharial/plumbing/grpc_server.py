@@ -29,6 +29,16 @@ log = logging.getLogger(__name__)
 
 # Programs and checkpoints stream in 1 MiB chunks; leave headroom for any single message.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Channel and server options for that limit, both ways.
+MESSAGE_SIZE_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+
+
+def serving_status(serving: bool) -> int:
+    """The health-check status for serving or not."""
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class GrpcServer:
@@ -41,10 +51,7 @@ class GrpcServer:
         self.metrics_port: int | None = None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name),
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+            options=MESSAGE_SIZE_OPTIONS,
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -72,11 +79,8 @@ class GrpcServer:
         log_event(log, "server_started", grpc_port=self.port, metrics_port=self.metrics_port)
 
     def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for name in ["", *self._service_names]:
-            self.health.set(name, status)
+            self.health.set(name, serving_status(serving))
 
     def stop(self, grace_s: float = 5.0, on_shutdown: Callable[[], None] | None = None) -> None:
         """Graceful stop: NOT_SERVING, the hook, then up to `grace_s` for in-flight RPCs."""

@@ -38,7 +38,7 @@ from gharial.asr.features import FeatureExtractor
 from gharial.asr.pipeline import EOS_PIECE
 from gharial.asr.streaming import StreamingConfig
 from gharial.asr.tokenizer import Tokenizer
-from gharial.plumbing.grpc_server import MAX_MESSAGE_BYTES
+from gharial.plumbing.grpc_server import MESSAGE_SIZE_OPTIONS
 from gharial.plumbing.logs import log_event
 from gharial.protos import accelerator_pb2 as pb
 from gharial.protos import accelerator_pb2_grpc, program_pb2
@@ -107,13 +107,7 @@ class CardConnection:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        self._channel = grpc.insecure_channel(address, options=MESSAGE_SIZE_OPTIONS)
         self._stub = accelerator_pb2_grpc.AcceleratorStub(self._channel)
         self.card_id = ""
         self._frames: _RunFrames | None = None

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,7 +42,6 @@ class _Frame:
     stream: Stream[Any]
     features: Tensor
     decoded: asyncio.Future[Decoded]
-    arrived: float = field(default_factory=time.monotonic)
 
 
 class CpuBackend:
