@@ -43,7 +43,7 @@ from gharial.asr.loss import rnnt_loss
 from gharial.asr.model import EncoderState, LSTMState
 from gharial.asr.pipeline import SpeechToText
 from gharial.asr.streaming import Recognizer
-from gharial.asr.text import normalize_transcript
+from gharial.asr.text import CHARSET, normalize_transcript
 from gharial.asr.tokenizer import Tokenizer
 from gharial.data.augment import change_speed, mix_at_snr, narrowband, snr_range, spec_augment
 from gharial.data.manifest import Utterance, write_json_manifest
@@ -140,6 +140,8 @@ def assert_same_batch(a: Batch, b: Batch) -> None:
     assert torch.equal(a.feature_lengths, b.feature_lengths)
     assert torch.equal(a.targets, b.targets)
     assert torch.equal(a.target_lengths, b.target_lengths)
+    assert torch.equal(a.characters, b.characters)
+    assert torch.equal(a.character_lengths, b.character_lengths)
     assert a.audio_seconds == b.audio_seconds
 
 
@@ -855,6 +857,48 @@ def test_ctc_warmup_trains_only_the_encoder_and_ctc_head_first(corpus: Path, tmp
     assert changed(first) == first
     trainer.train(steps=1)
     assert changed(later) == later, "after the warm-up the RNN-T loss trains everything"
+
+
+def test_batches_carry_the_normalised_transcript_as_characters(
+    tiny_tokenizer_bytes: bytes, tmp_path: Path
+) -> None:
+    utterances = [
+        write_audio(tmp_path / "a.wav", sine(300, 0.5)).model_copy(
+            update={"transcript": "Don't STOP, 2 cats!"}
+        ),
+        write_audio(tmp_path / "b.wav", sine(500, 0.5)).model_copy(update={"transcript": "ok"}),
+    ]
+    batch = make_batch_maker(tiny_tokenizer_bytes)(utterances, step=0, seed=1)
+    assert batch.character_lengths.tolist() == [len("don't stop two cats"), 2]
+    first = "".join(CHARSET[i] for i in batch.characters[0].tolist())
+    assert first == "don't stop two cats"
+    assert "".join(CHARSET[i] for i in batch.characters[1, :2].tolist()) == "ok"
+
+
+def test_character_ctc_warmup_trains_the_pre_rnn_on_letters(corpus: Path, tmp_path: Path) -> None:
+    """ctc_units: characters puts the CTC head on the pre-RNN output (30 ms frames) over CHARSET:
+    during the warm-up only the pre-RNN and that head learn; afterwards everything does."""
+    cfg = load_train_config(corpus / "train.yaml").model_copy(
+        update={"ctc_warmup_steps": 2, "ctc_units": "characters"}
+    )
+    trainer = Trainer(cfg, tmp_path)
+    assert trainer.model.ctc_head.out_features == len(CHARSET) + 1
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    params = dict(trainer.model.named_parameters())
+    first = [name for name in before if name.startswith(("rnnt.encoder.pre_rnn.", "ctc_head."))]
+    later = [name for name in before if name not in first]
+
+    def changed(names: list[str]) -> list[str]:
+        return [name for name in names if not torch.equal(before[name], params[name])]
+
+    trainer.train(steps=2)
+    assert changed(first) == first and changed(later) == []
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train(steps=1)
+    assert changed(list(before)) == list(before), "RNN-T + character CTC train every weight"
+    trainer.save()
+    exported = export_checkpoint(TrainingCheckpoint.load(trainer.latest_checkpoint()))
+    assert exported.meta.training_step == 3
 
 
 def test_more_data_workers_make_the_same_batches(corpus: Path, tmp_path: Path) -> None:

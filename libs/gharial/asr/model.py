@@ -95,10 +95,18 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor, state: EncoderState | None = None) -> tuple[Tensor, EncoderState]:
         """x [B, T, F] with T a multiple of stack_time → ([B, T/stack_time, H], new state)."""
+        _, y, state = self.forward_layers(x, state)
+        return y, state
+
+    def forward_layers(
+        self, x: Tensor, state: EncoderState | None = None
+    ) -> tuple[Tensor, Tensor, EncoderState]:
+        """Like `forward`, also returning the pre-RNN output [B, T, H] (what an intermediate loss
+        in training reads)."""
         state = state or self.initial_state(x.shape[0])
-        y, pre = self.pre_rnn(x, tuple(state.pre))
-        y, post = self.post_rnn(stack_time(y, self.stack), tuple(state.post))
-        return y, EncoderState(LSTMState(*pre), LSTMState(*post))
+        below, pre = self.pre_rnn(x, tuple(state.pre))
+        y, post = self.post_rnn(stack_time(below, self.stack), tuple(state.post))
+        return below, y, EncoderState(LSTMState(*pre), LSTMState(*post))
 
 
 class Predictor(nn.Module):

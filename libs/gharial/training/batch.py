@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from gharial.asr.features import FeatureExtractor
-from gharial.asr.text import normalize_transcript
+from gharial.asr.text import CHARSET, normalize_transcript
 from gharial.asr.tokenizer import Tokenizer
 from gharial.audio import load_audio
 from gharial.data.augment import change_speed, coloured_noise, mix_at_snr, narrowband, snr_range, spec_augment
@@ -26,22 +26,28 @@ BACKGROUND_FINAL_SNR = (0.0, 30.0)  # dB, the documented final ranges
 BABBLE_FINAL_SNR = (15.0, 30.0)
 TOKEN_SAMPLING_ALPHA = 0.1  # sentencepiece subword-regularisation smoothing
 TOKEN_SAMPLING_NBEST = 64  # segmentations of each word sampled among
+CHARACTER_BLANK = len(CHARSET)  # the character CTC head's blank, after CHARSET's letters (blank last)
 
 
 @dataclass
 class Batch:
-    """features [B, T, F] (T a multiple of 2), feature_lengths [B], targets [B, U], target_lengths [B]."""
+    """features [B, T, F] (T a multiple of 2), feature_lengths [B], targets [B, U] (token ids),
+    target_lengths [B], characters [B, C] (CHARSET indices: the character CTC head's targets),
+    character_lengths [B]."""
 
     features: Tensor
     feature_lengths: Tensor
     targets: Tensor
     target_lengths: Tensor
+    characters: Tensor
+    character_lengths: Tensor
     audio_seconds: float
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
             self.features.to(device), self.feature_lengths.to(device), self.targets.to(device),
-            self.target_lengths.to(device), self.audio_seconds,
+            self.target_lengths.to(device), self.characters.to(device), self.character_lengths.to(device),
+            self.audio_seconds,
         )  # fmt: skip
 
 
@@ -79,13 +85,14 @@ class BatchMaker:
                 )  # fmt: skip
             features.append(f)
         targets = [self.encode(u.transcript, rng if train else None) for u in utterances]
+        characters = [encode_characters(u.transcript) for u in utterances]
         return Batch(
             features=torch.nn.utils.rnn.pad_sequence(features, batch_first=True),
             feature_lengths=torch.tensor([len(f) for f in features]),
-            targets=torch.nn.utils.rnn.pad_sequence(
-                [torch.tensor(t, dtype=torch.long) for t in targets], batch_first=True
-            ),
+            targets=_pad(targets),
             target_lengths=torch.tensor([len(t) for t in targets]),
+            characters=_pad(characters),
+            character_lengths=torch.tensor([len(c) for c in characters]),
             audio_seconds=sum(len(a) for a in audios) / self.sample_rate,
         )
 
@@ -125,6 +132,16 @@ class BatchMaker:
         if self.noise_files:
             return load_audio(rng.choice(self.noise_files), self.sample_rate)
         return coloured_noise(n, rng)
+
+
+def encode_characters(transcript: str) -> list[int]:
+    """The normalised transcript as CHARSET indices (every character of it is in CHARSET)."""
+    return [CHARSET.index(c) for c in normalize_transcript(transcript)]
+
+
+def _pad(sequences: list[list[int]]) -> Tensor:
+    tensors = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
 
 
 def sample_segmentation(tokenizer: Tokenizer, transcript: str, alpha: float, rng: random.Random) -> list[int]:

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gharial.asr.config import ModelConfig, load_model_config
 
+CtcUnits = Literal["tokens", "characters"]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -94,6 +96,13 @@ class TrainConfig(_Strict):
     training_steps: int = Field(20000, gt=0)
     ctc_weight: float = Field(
         0.3, ge=0, description="auxiliary CTC loss on the encoder (gets past the blank plateau)"
+    )
+    ctc_units: CtcUnits = Field(
+        "tokens",
+        description="what the CTC head predicts. tokens: the tokenizer's pieces, on the encoder output "
+        "(60 ms frames). characters: letters, apostrophe and space, on the pre-RNN output (30 ms "
+        "frames, dense enough for letters): each label is frequent, so the lower layers learn "
+        "acoustics sooner on little data",
     )
     ctc_warmup_steps: int = Field(
         0,

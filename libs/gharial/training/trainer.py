@@ -35,14 +35,14 @@ from gharial.asr.config import ModelConfig
 from gharial.asr.features import FeatureExtractor, MelStats
 from gharial.asr.loss import rnnt_loss
 from gharial.asr.model import RNNT, EncoderState, LSTMState
-from gharial.asr.text import normalize_transcript
+from gharial.asr.text import CHARSET, normalize_transcript
 from gharial.asr.tokenizer import Tokenizer
 from gharial.data.manifest import ManifestError, Utterance, require_audio_files
 from gharial.data.readers import read_utterances
-from gharial.training.batch import Batch, BatchMaker
+from gharial.training.batch import CHARACTER_BLANK, Batch, BatchMaker
 from gharial.training.batches import batch_at
 from gharial.training.checkpoint import TrainingCheckpoint, TrainingCheckpointMeta
-from gharial.training.config import TrainConfig
+from gharial.training.config import CtcUnits, TrainConfig
 from gharial.training.ema import EMA
 from gharial.training.schedule import fit_schedule, learning_rate
 
@@ -58,12 +58,15 @@ GRAD_NOISE_DECAY = 0.55
 
 
 class TrainingModel(nn.Module):
-    """The RNN-T plus the auxiliary CTC head used only in training (never exported)."""
+    """The RNN-T plus the auxiliary CTC head used only in training (never exported): over the
+    tokenizer's pieces on the encoder output, or over CHARSET on the pre-RNN output."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ctc_units: CtcUnits = "tokens") -> None:
         super().__init__()
         self.rnnt = RNNT(cfg)
-        self.ctc_head = nn.Linear(cfg.encoder.hidden, cfg.vocab_size + 1)
+        self.ctc_units = ctc_units
+        labels = cfg.vocab_size if ctc_units == "tokens" else len(CHARSET)
+        self.ctc_head = nn.Linear(cfg.encoder.hidden, labels + 1)
 
 
 def load_training_data(cfg: TrainConfig) -> list[Utterance]:
@@ -125,7 +128,7 @@ class Trainer:
         )
 
         self.device = resolve_device(cfg)
-        self.model = TrainingModel(self.model_cfg).to(self.device)
+        self.model = TrainingModel(self.model_cfg, cfg.ctc_units).to(self.device)
         self.ema = EMA(self.model, cfg.optim.ema)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -209,11 +212,11 @@ class Trainer:
         rnnt = self.model.rnnt
         stack = self.model_cfg.encoder.stack_time
         batch = batch.to(self.device)
-        enc, final_state = rnnt.encoder(batch.features, initial_state)
+        below, enc, final_state = rnnt.encoder.forward_layers(batch.features, initial_state)
         final_state = EncoderState(*(type(s)(*(x.detach() for x in s)) for s in final_state))
         enc_lengths = torch.div(batch.feature_lengths + stack - 1, stack, rounding_mode="floor")
         if self.step < self.cfg.ctc_warmup_steps:
-            ctc = self.ctc_loss(enc, enc_lengths, batch)
+            ctc = self.ctc_loss(enc, enc_lengths, below, batch)
             (ctc / self.cfg.global_batch_size).backward()
             return ctc.detach(), final_state
         sos = batch.targets.new_full((batch.targets.shape[0], 1), rnnt.blank_id)
@@ -231,20 +234,43 @@ class Trainer:
             )  # fmt: skip
             (part / self.cfg.global_batch_size).backward()
             total += part.detach()
+        ctc_roots: list[Tensor] = []
         if self.cfg.ctc_weight:
-            ctc = self.ctc_loss(enc_leaf, enc_lengths, batch)
-            (self.cfg.ctc_weight * ctc / self.cfg.global_batch_size).backward()
+            ctc = self.ctc_loss(enc_leaf, enc_lengths, below, batch)
+            scaled = self.cfg.ctc_weight * ctc / self.cfg.global_batch_size
             total += self.cfg.ctc_weight * ctc.detach()
-        torch.autograd.backward([enc, pred], [enc_leaf.grad, pred_leaf.grad])
+            if self.cfg.ctc_units == "tokens":
+                scaled.backward()  # into enc_leaf.grad, which the pass below pushes through the encoder
+            else:
+                ctc_roots.append(scaled)  # reads the pre-RNN output: joins the one pass below
+        torch.autograd.backward(
+            [enc, pred, *ctc_roots], [enc_leaf.grad, pred_leaf.grad, *(torch.ones_like(r) for r in ctc_roots)]
+        )
         return total, final_state
 
-    def ctc_loss(self, enc: Tensor, enc_lengths: Tensor, batch: Batch) -> Tensor:
-        """Summed CTC loss of the auxiliary head on encoder outputs enc [B, T, H]."""
-        log_probs = self.model.ctc_head(enc).float().log_softmax(-1).transpose(0, 1)
+    def ctc_loss(self, enc: Tensor, enc_lengths: Tensor, below: Tensor, batch: Batch) -> Tensor:
+        """Summed CTC loss of the auxiliary head: on the encoder output enc [B, T, H] over tokens,
+        or on the pre-RNN output below [B, T·stack_time, H] over characters."""
+        if self.cfg.ctc_units == "characters":
+            inputs, lengths, targets, target_lengths, blank = (
+                below,
+                batch.feature_lengths,
+                batch.characters,
+                batch.character_lengths,
+                CHARACTER_BLANK,
+            )
+        else:
+            inputs, lengths, targets, target_lengths, blank = (
+                enc,
+                enc_lengths,
+                batch.targets,
+                batch.target_lengths,
+                self.model.rnnt.blank_id,
+            )
+        log_probs = self.model.ctc_head(inputs).float().log_softmax(-1).transpose(0, 1)
         return F.ctc_loss(
-            log_probs, batch.targets, enc_lengths, batch.target_lengths, blank=self.model.rnnt.blank_id,
-            reduction="sum", zero_infinity=True,
-        )  # fmt: skip
+            log_probs, targets, lengths, target_lengths, blank=blank, reduction="sum", zero_infinity=True
+        )
 
     def rsp_state(self, batch_size: int, rng: random.Random) -> EncoderState | None:
         """Random state passing: sometimes start from the final state of an earlier batch."""
