@@ -127,7 +127,7 @@ async def watch_card(
                   card_id=backend.card.card_id)  # fmt: skip
         await server.set_serving(ready)
         if registration is not None:
-            registration.set_draining(not ready)
+            await asyncio.to_thread(registration.set_draining, not ready)
 
 
 def advertised_host(host: str) -> str:
@@ -393,7 +393,7 @@ async def run_worker(backend: Backend, served: ServedModel, options: WorkerOptio
             capacity=backend.max_streams,
         )
         registration = WorkerRegistration(options.redis_url, record)
-        registration.start()
+        await asyncio.to_thread(registration.start)  # Redis round trips: never block the event loop
     log_event(
         log,
         "transcriber_ready",
@@ -411,10 +411,10 @@ async def run_worker(backend: Backend, served: ServedModel, options: WorkerOptio
         if watching is not None:
             watching.cancel()
         if registration is not None:
-            registration.set_draining(True)
+            await asyncio.to_thread(registration.set_draining, True)
         await servicer.drain(options.drain_seconds)
         if registration is not None:
-            registration.stop()
+            await asyncio.to_thread(registration.stop)
         backend.close()
 
     await server.run_until_signal(on_shutdown=shutdown)
