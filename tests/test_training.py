@@ -789,16 +789,18 @@ def train_on_a_fake_clock(
     fit_after: tuple[int, ...],
     step_seconds: Callable[[int], float],
     budget_s: float,
+    **config: Any,
 ) -> Trainer:
-    """A budgeted run of up to 1000 steps whose clock moves only when a step ends, by
-    step_seconds(steps done); the schedule is fitted after 1 untimed step and `fit_after` timed ones."""
+    """A budgeted run of up to 1000 steps (other config fields from `config`) whose clock moves only
+    when a step ends, by step_seconds(steps done); the schedule is fitted after 1 untimed step and
+    `fit_after` timed ones."""
     monkeypatch.setattr("gharial.training.trainer.BUDGET_WARMUP_STEPS", 1)
     monkeypatch.setattr("gharial.training.trainer.BUDGET_FIT_AFTER", fit_after)
     clock = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(
         "gharial.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: clock.now)
     )
-    cfg = load_train_config(corpus / "train.yaml").model_copy(update={"training_steps": 1000})
+    cfg = load_train_config(corpus / "train.yaml").model_copy(update={"training_steps": 1000, **config})
     trainer = Trainer(cfg, run_dir)
     real_step = trainer.train_step
 
@@ -839,6 +841,21 @@ def test_a_later_fit_of_the_budget_can_lengthen_the_run(
     )
     assert trainer.step == 14
     assert yaml.safe_load((tmp_path / "tiny-test_run.yaml").read_text())["training_steps"] == 14
+
+
+def test_a_time_budget_is_fitted_to_the_steps_after_the_ctc_warmup(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 CTC warm-up steps take 0.1 s, RNN-T steps 1 s. Timing starts one step past the warm-up
+    (at 1.3 s) and the fit after one timed step (at 2.3 s) plans 5 + int(7.2 s / 1 s) = 12 steps,
+    which end at 9.3 s, inside the 9.5 s deadline. Timed from the start, the warm-up's 0.1 s steps
+    would have planned 95 steps that never fit, and the schedule would never decay."""
+    trainer = train_on_a_fake_clock(
+        corpus, tmp_path, monkeypatch, (1,), lambda done: 0.1 if done <= 3 else 1.0, budget_s=10,
+        ctc_warmup_steps=3,
+    )  # fmt: skip
+    assert trainer.step == 12
+    assert yaml.safe_load((tmp_path / "tiny-test_run.yaml").read_text())["training_steps"] == 12
 
 
 def test_ctc_warmup_trains_only_the_encoder_and_ctc_head_first(corpus: Path, tmp_path: Path) -> None:

@@ -342,13 +342,16 @@ class Trainer:
         """Train until `training_steps` (or `steps` more steps); checkpoint every `save_every`.
 
         validate: callable(HardwareCheckpoint) → WER, run every `val_every` steps when given.
-        time_budget_s: finish within this many seconds. The steps are timed and the schedule is fitted
-        to the steps that fit (`fit_schedule`, training_steps at most) after BUDGET_FIT_AFTER of
-        them; the loop also stops at the deadline itself.
+        time_budget_s: finish within this many seconds. The steps are timed (from BUDGET_WARMUP_STEPS
+        past the start and past the CTC warm-up) and the schedule is fitted to the steps that fit
+        (`fit_schedule`, training_steps at most) after BUDGET_FIT_AFTER of them; the loop also
+        stops at the deadline itself.
         """
         run_started = time.perf_counter()
         deadline = None if time_budget_s is None else run_started + (1 - BUDGET_RESERVE) * time_budget_s
-        timing_started, steps_run = 0.0, 0
+        # The CTC warm-up's steps are far cheaper than the RNN-T's: timing starts after it.
+        first_timed_step = max(self.step, self.cfg.ctc_warmup_steps) + BUDGET_WARMUP_STEPS
+        timing_started = 0.0
         end = self.cfg.training_steps if steps is None else min(self.cfg.training_steps, self.step + steps)
         limit = end  # a time budget only ever shortens the run
         write_run_config(self.cfg, self.run_dir)
@@ -359,15 +362,14 @@ class Trainer:
             with _profiler(self.run_dir, profile_steps) as profiler:
                 while self.step < end and (deadline is None or time.perf_counter() < deadline):
                     started = time.perf_counter()
-                    if steps_run == BUDGET_WARMUP_STEPS:
+                    if self.step == first_timed_step:
                         timing_started = started
-                    timed = steps_run - BUDGET_WARMUP_STEPS
+                    timed = self.step - first_timed_step
                     if deadline is not None and timed in BUDGET_FIT_AFTER:
                         end = self._fit_to_budget(deadline, (started - timing_started) / timed, limit)
                         bar.total = end
                         bar.refresh()
                     stats = self.train_step()
-                    steps_run += 1
                     stats["audio_seconds_per_second"] = stats["audio_seconds"] / (
                         time.perf_counter() - started
                     )
