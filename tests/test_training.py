@@ -893,29 +893,54 @@ def test_batches_carry_the_normalised_transcript_as_characters(
 
 
 def test_character_ctc_warmup_trains_the_pre_rnn_on_letters(corpus: Path, tmp_path: Path) -> None:
-    """ctc_units: characters puts the CTC head on the pre-RNN output (30 ms frames) over CHARSET:
-    during the warm-up only the pre-RNN and that head learn; afterwards everything does."""
+    """character_ctc_weight puts a CTC head over CHARSET on the pre-RNN output (30 ms frames): with
+    it alone, the warm-up trains only the pre-RNN and that head; afterwards everything learns but
+    the unused token CTC head."""
     cfg = load_train_config(corpus / "train.yaml").model_copy(
-        update={"ctc_warmup_steps": 2, "ctc_units": "characters"}
+        update={"ctc_warmup_steps": 2, "ctc_weight": 0.0, "character_ctc_weight": 0.5}
     )
     trainer = Trainer(cfg, tmp_path)
-    assert trainer.model.ctc_head.out_features == len(CHARSET) + 1
+    assert trainer.model.character_ctc_head.out_features == len(CHARSET) + 1
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     params = dict(trainer.model.named_parameters())
-    first = [name for name in before if name.startswith(("rnnt.encoder.pre_rnn.", "ctc_head."))]
-    later = [name for name in before if name not in first]
+    first = [name for name in before if name.startswith(("rnnt.encoder.pre_rnn.", "character_ctc_head."))]
+    unused = [name for name in before if name.startswith("ctc_head.")]
+    later = [name for name in before if name not in first + unused]
 
     def changed(names: list[str]) -> list[str]:
         return [name for name in names if not torch.equal(before[name], params[name])]
 
     trainer.train(steps=2)
     assert changed(first) == first and changed(later) == []
-    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train(steps=1)
-    assert changed(list(before)) == list(before), "RNN-T + character CTC train every weight"
-    trainer.save()
-    exported = export_checkpoint(TrainingCheckpoint.load(trainer.latest_checkpoint()))
-    assert exported.meta.training_step == 3
+    assert changed(later) == later and changed(unused) == []
+
+
+def test_both_ctc_losses_add_to_the_rnnt_loss(corpus: Path, tmp_path: Path) -> None:
+    """The loss of a batch is RNN-T + ctc_weight × token CTC + character_ctc_weight × letter CTC."""
+    base = load_train_config(corpus / "train.yaml")
+    losses = {}
+    for name, weights in {
+        "none": (0.0, 0.0),
+        "token": (0.5, 0.0),
+        "char": (0.0, 0.5),
+        "both": (0.5, 0.5),
+    }.items():
+        cfg = base.model_copy(update={"ctc_weight": weights[0], "character_ctc_weight": weights[1]})
+        trainer = Trainer(cfg, tmp_path / name)
+        trainer.model.load_state_dict(Trainer(base, tmp_path / "init").model.state_dict())
+        batch = trainer.make_batch(trainer.utterances[:4], 0, cfg.seed, train=False)
+        losses[name] = float(trainer.loss(batch, None)[0])
+    assert losses["token"] > losses["none"] and losses["char"] > losses["none"]
+    assert losses["both"] == pytest.approx(losses["token"] + losses["char"] - losses["none"], rel=1e-5)
+
+
+def test_a_ctc_warmup_without_a_ctc_loss_is_refused(corpus: Path) -> None:
+    cfg = load_train_config(corpus / "train.yaml")
+    with pytest.raises(ValueError, match="ctc_warmup_steps needs ctc_weight or character_ctc_weight"):
+        TrainConfig.model_validate(
+            cfg.model_dump() | {"ctc_warmup_steps": 5, "ctc_weight": 0.0, "character_ctc_weight": 0.0}
+        )
 
 
 def test_more_data_workers_make_the_same_batches(corpus: Path, tmp_path: Path) -> None:

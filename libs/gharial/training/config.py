@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gharial.asr.config import ModelConfig, load_model_config
 
-CtcUnits = Literal["tokens", "characters"]
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -95,20 +93,20 @@ class TrainConfig(_Strict):
     batch_split_factor: int = Field(1, gt=0, description="joint/loss split of each micro-batch")
     training_steps: int = Field(20000, gt=0)
     ctc_weight: float = Field(
-        0.3, ge=0, description="auxiliary CTC loss on the encoder (gets past the blank plateau)"
+        0.3, ge=0, description="auxiliary CTC loss over the tokenizer's pieces on the encoder output"
     )
-    ctc_units: CtcUnits = Field(
-        "tokens",
-        description="what the CTC head predicts. tokens: the tokenizer's pieces, on the encoder output "
-        "(60 ms frames). characters: letters, apostrophe and space, on the pre-RNN output (30 ms "
-        "frames, dense enough for letters): each label is frequent, so the lower layers learn "
-        "acoustics sooner on little data",
+    character_ctc_weight: float = Field(
+        0.0,
+        ge=0,
+        description="auxiliary CTC loss over letters, apostrophe and space (CHARSET) on the pre-RNN "
+        "output, whose 30 ms frames are dense enough for letters: each label is frequent, so the "
+        "lower layers learn acoustics soon even on little data",
     )
     ctc_warmup_steps: int = Field(
         0,
         ge=0,
-        description="first steps train only the encoder and CTC head, on the CTC loss: the encoder "
-        "learns acoustics before the prediction network can learn the transcripts by heart",
+        description="first steps train only the encoder and CTC heads, on the CTC losses: the "
+        "encoder learns acoustics before the prediction network can learn the transcripts by heart",
     )
     seed: int = 1
     save_every: int = Field(250, gt=0, description="steps between checkpoints (last 3 kept, best kept)")
@@ -137,6 +135,12 @@ class TrainConfig(_Strict):
                 f"global_batch_size {self.global_batch_size} must divide into grad_accumulation_batches "
                 f"{self.grad_accumulation_batches} x batch_split_factor {self.batch_split_factor}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_has_a_ctc_loss(self) -> TrainConfig:
+        if self.ctc_warmup_steps and not (self.ctc_weight or self.character_ctc_weight):
+            raise ValueError("ctc_warmup_steps needs ctc_weight or character_ctc_weight above 0")
         return self
 
     @property

@@ -11,7 +11,7 @@ from gharial.training.trainer import TrainingModel
 
 
 def export_checkpoint(ckpt: TrainingCheckpoint, ngram_lm: Path | None = None) -> HardwareCheckpoint:
-    model = TrainingModel(ckpt.meta.config.architecture(), ckpt.meta.config.ctc_units)
+    model = TrainingModel(ckpt.meta.config.architecture())
     try:
         model.load_state_dict(ckpt.ema)
     except RuntimeError as err:  # shapes or names that do not match the checkpoint's own config

@@ -3,7 +3,8 @@
 Each optimizer step sees `global_batch_size` utterances in `grad_accumulation_batches` micro-batches;
 each micro-batch runs the encoder and prediction network once and the joint + loss in
 `batch_split_factor` slices (the joint's [B, T, U, V] lattice is what runs out of memory). The loss
-is RNN-T plus `ctc_weight` × an auxiliary CTC loss on the encoder, which gets training off the "blank
+is RNN-T plus auxiliary CTC losses (over tokens on the encoder output, over letters on the pre-RNN
+output), which get training off the "blank
 plateau" far sooner on small data. Data order and augmentation are functions of (seed, step), and
 checkpoints hold the step, so a resumed run continues with exactly the batches it would have seen.
 """
@@ -42,7 +43,7 @@ from gharial.data.readers import read_utterances
 from gharial.training.batch import CHARACTER_BLANK, Batch, BatchMaker
 from gharial.training.batches import batch_at
 from gharial.training.checkpoint import TrainingCheckpoint, TrainingCheckpointMeta
-from gharial.training.config import CtcUnits, TrainConfig
+from gharial.training.config import TrainConfig
 from gharial.training.ema import EMA
 from gharial.training.schedule import fit_schedule, learning_rate
 
@@ -58,15 +59,14 @@ GRAD_NOISE_DECAY = 0.55
 
 
 class TrainingModel(nn.Module):
-    """The RNN-T plus the auxiliary CTC head used only in training (never exported): over the
-    tokenizer's pieces on the encoder output, or over CHARSET on the pre-RNN output."""
+    """The RNN-T plus the auxiliary CTC heads used only in training (never exported): over the
+    tokenizer's pieces on the encoder output, and over CHARSET on the pre-RNN output."""
 
-    def __init__(self, cfg: ModelConfig, ctc_units: CtcUnits = "tokens") -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.rnnt = RNNT(cfg)
-        self.ctc_units = ctc_units
-        labels = cfg.vocab_size if ctc_units == "tokens" else len(CHARSET)
-        self.ctc_head = nn.Linear(cfg.encoder.hidden, labels + 1)
+        self.ctc_head = nn.Linear(cfg.encoder.hidden, cfg.vocab_size + 1)
+        self.character_ctc_head = nn.Linear(cfg.encoder.hidden, len(CHARSET) + 1)
 
 
 def load_training_data(cfg: TrainConfig) -> list[Utterance]:
@@ -128,7 +128,7 @@ class Trainer:
         )
 
         self.device = resolve_device(cfg)
-        self.model = TrainingModel(self.model_cfg, cfg.ctc_units).to(self.device)
+        self.model = TrainingModel(self.model_cfg).to(self.device)
         self.ema = EMA(self.model, cfg.optim.ema)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -207,17 +207,17 @@ class Trainer:
         return self.prefetcher.get(position)
 
     def loss(self, batch: Batch, initial_state: EncoderState | None) -> tuple[Tensor, EncoderState]:
-        """Summed loss of one micro-batch, RNN-T + ctc_weight × CTC (CTC alone during the CTC
-        warm-up); backward runs here, slice by slice."""
-        rnnt = self.model.rnnt
+        """Summed loss of one micro-batch: RNN-T + the weighted CTC losses (the CTC losses alone
+        during the CTC warm-up); backward runs here, slice by slice."""
+        cfg, rnnt = self.cfg, self.model.rnnt
         stack = self.model_cfg.encoder.stack_time
         batch = batch.to(self.device)
         below, enc, final_state = rnnt.encoder.forward_layers(batch.features, initial_state)
         final_state = EncoderState(*(type(s)(*(x.detach() for x in s)) for s in final_state))
         enc_lengths = torch.div(batch.feature_lengths + stack - 1, stack, rounding_mode="floor")
-        if self.step < self.cfg.ctc_warmup_steps:
-            ctc = self.ctc_loss(enc, enc_lengths, below, batch)
-            (ctc / self.cfg.global_batch_size).backward()
+        if self.step < cfg.ctc_warmup_steps:
+            ctc = self.token_ctc_loss(enc, enc_lengths, batch) + self.character_ctc_loss(below, batch)
+            (ctc / cfg.global_batch_size).backward()
             return ctc.detach(), final_state
         sos = batch.targets.new_full((batch.targets.shape[0], 1), rnnt.blank_id)
         pred, _ = rnnt.predictor(torch.cat([sos, batch.targets], 1))
@@ -225,52 +225,43 @@ class Trainer:
         # gradients are then pushed through the encoder and predictor in one backward pass.
         enc_leaf, pred_leaf = enc.detach().requires_grad_(), pred.detach().requires_grad_()
         total = torch.zeros((), device=self.device)
-        for rows in torch.arange(len(enc), device=self.device).chunk(self.cfg.batch_split_factor):
+        for rows in torch.arange(len(enc), device=self.device).chunk(cfg.batch_split_factor):
             t_max, u_max = int(enc_lengths[rows].max()), int(batch.target_lengths[rows].max())
             logits = rnnt.joint(enc_leaf[rows, :t_max], pred_leaf[rows, : u_max + 1])
             part = rnnt_loss(
                 logits.float(), batch.targets[rows, :u_max], enc_lengths[rows], batch.target_lengths[rows],
-                rnnt.blank_id, reduction="sum", delay_penalty=self.cfg.augment.delay_penalty,
+                rnnt.blank_id, reduction="sum", delay_penalty=cfg.augment.delay_penalty,
             )  # fmt: skip
-            (part / self.cfg.global_batch_size).backward()
+            (part / cfg.global_batch_size).backward()
             total += part.detach()
-        ctc_roots: list[Tensor] = []
-        if self.cfg.ctc_weight:
-            ctc = self.ctc_loss(enc_leaf, enc_lengths, below, batch)
-            scaled = self.cfg.ctc_weight * ctc / self.cfg.global_batch_size
-            total += self.cfg.ctc_weight * ctc.detach()
-            if self.cfg.ctc_units == "tokens":
-                scaled.backward()  # into enc_leaf.grad, which the pass below pushes through the encoder
-            else:
-                ctc_roots.append(scaled)  # reads the pre-RNN output: joins the one pass below
-        torch.autograd.backward(
-            [enc, pred, *ctc_roots], [enc_leaf.grad, pred_leaf.grad, *(torch.ones_like(r) for r in ctc_roots)]
-        )
-        return total, final_state
+        token_ctc = self.token_ctc_loss(enc_leaf, enc_lengths, batch)
+        if token_ctc.requires_grad:
+            (token_ctc / cfg.global_batch_size).backward()  # into enc_leaf.grad, pushed on below
+        character_ctc = self.character_ctc_loss(below, batch)  # reads the pre-RNN: joins that pass
+        roots, grads = [enc, pred], [enc_leaf.grad, pred_leaf.grad]
+        if character_ctc.requires_grad:
+            roots.append(character_ctc / cfg.global_batch_size)
+            grads.append(torch.ones_like(character_ctc))
+        torch.autograd.backward(roots, grads)
+        return total + token_ctc.detach() + character_ctc.detach(), final_state
 
-    def ctc_loss(self, enc: Tensor, enc_lengths: Tensor, below: Tensor, batch: Batch) -> Tensor:
-        """Summed CTC loss of the auxiliary head: on the encoder output enc [B, T, H] over tokens,
-        or on the pre-RNN output below [B, T·stack_time, H] over characters."""
-        if self.cfg.ctc_units == "characters":
-            inputs, lengths, targets, target_lengths, blank = (
-                below,
-                batch.feature_lengths,
-                batch.characters,
-                batch.character_lengths,
-                CHARACTER_BLANK,
-            )
-        else:
-            inputs, lengths, targets, target_lengths, blank = (
-                enc,
-                enc_lengths,
-                batch.targets,
-                batch.target_lengths,
-                self.model.rnnt.blank_id,
-            )
-        log_probs = self.model.ctc_head(inputs).float().log_softmax(-1).transpose(0, 1)
-        return F.ctc_loss(
-            log_probs, targets, lengths, target_lengths, blank=blank, reduction="sum", zero_infinity=True
-        )
+    def token_ctc_loss(self, enc: Tensor, enc_lengths: Tensor, batch: Batch) -> Tensor:
+        """ctc_weight × the summed CTC loss over tokens on the encoder output enc [B, T, H]
+        (a constant 0 when the weight is 0)."""
+        if not self.cfg.ctc_weight:
+            return enc.new_zeros(())
+        logits = self.model.ctc_head(enc)
+        loss = _ctc(logits, enc_lengths, batch.targets, batch.target_lengths, self.model.rnnt.blank_id)
+        return self.cfg.ctc_weight * loss
+
+    def character_ctc_loss(self, below: Tensor, batch: Batch) -> Tensor:
+        """character_ctc_weight × the summed CTC loss over CHARSET on the pre-RNN output below
+        [B, T·stack_time, H] (a constant 0 when the weight is 0)."""
+        if not self.cfg.character_ctc_weight:
+            return below.new_zeros(())
+        logits = self.model.character_ctc_head(below)
+        loss = _ctc(logits, batch.feature_lengths, batch.characters, batch.character_lengths, CHARACTER_BLANK)
+        return self.cfg.character_ctc_weight * loss
 
     def rsp_state(self, batch_size: int, rng: random.Random) -> EncoderState | None:
         """Random state passing: sometimes start from the final state of an earlier batch."""
@@ -423,6 +414,14 @@ class Trainer:
             self.best_wer = wer
             self.checkpoint().save(self.ckpt_dir / "best.pt")
             self.hardware_checkpoint().save(self.run_dir / "best.hwckpt")
+
+
+def _ctc(logits: Tensor, lengths: Tensor, targets: Tensor, target_lengths: Tensor, blank: int) -> Tensor:
+    """Summed CTC loss of logits [B, T, labels]; utterances too dense to align count 0."""
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)
+    return F.ctc_loss(
+        log_probs, targets, lengths, target_lengths, blank=blank, reduction="sum", zero_infinity=True
+    )
 
 
 class BatchPrefetcher:
