@@ -333,7 +333,7 @@ def test_sigterm_ends_open_streams_with_a_status(program_file: Path, frames: lis
         client = PacedClient(stub, stream_id, frames[0][:5])
         received = client.results(5)
         assert [r.frame_index for r in received] == list(range(5))
-        assert service.terminate() == 0
+        assert service.terminate() == 0, "\n".join(service.lines[-40:])
         with pytest.raises(grpc.RpcError) as ended:
             next(client.call)
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
