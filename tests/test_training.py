@@ -6,6 +6,7 @@ Runs are tiny (the `tiny` model, 8 tone utterances, 4 per step) and live in tmp_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -44,7 +45,7 @@ from gharial.asr.model import EncoderState, LSTMState
 from gharial.asr.pipeline import SpeechToText
 from gharial.asr.streaming import Recognizer
 from gharial.asr.text import CHARSET, normalize_transcript
-from gharial.asr.tokenizer import Tokenizer
+from gharial.asr.tokenizer import Tokenizer, train_tokenizer
 from gharial.data.augment import change_speed, mix_at_snr, narrowband, snr_range, spec_augment
 from gharial.data.manifest import Utterance, write_json_manifest
 from gharial.data.pack import pack_corpus
@@ -57,6 +58,7 @@ from gharial.training.ema import EMA
 from gharial.training.export import export_checkpoint
 from gharial.training.schedule import fit_schedule, learning_rate
 from gharial.training.trainer import Trainer, TrainingModel, write_run_config
+from tests.conftest import sentences
 
 from .conftest import PHRASES, emitting_model, tone_utterance
 
@@ -767,6 +769,17 @@ def test_fit_schedule_fills_the_steps_and_decays_to_a_sixteenth(corpus: Path) ->
     assert cfg.training_steps == STEPS, "the original config is left alone"
 
 
+def test_fit_schedule_holds_through_the_ctc_warmup_and_decays_over_the_rnnt_steps(corpus: Path) -> None:
+    cfg = load_train_config(corpus / "train.yaml").model_copy(
+        update={"optim": OptimConfig(lr=2e-3, min_lr=1e-6, warmup_steps=100), "ctc_warmup_steps": 300}
+    )
+    fitted = fit_schedule(cfg, 1300)
+    assert fitted.optim.hold_steps == 200 + 400, "to the end of the CTC warm-up, then 40% of 1000"
+    assert learning_rate(699, fitted.optim) == 2e-3
+    assert learning_rate(701, fitted.optim) < 2e-3
+    assert learning_rate(1300, fitted.optim) == pytest.approx(2e-3 / 16)
+
+
 def test_a_time_budget_caps_the_steps_and_rewrites_the_run_config(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -874,6 +887,37 @@ def test_ctc_warmup_trains_only_the_encoder_and_ctc_head_first(corpus: Path, tmp
     assert changed(first) == first
     trainer.train(steps=1)
     assert changed(later) == later, "after the warm-up the RNN-T loss trains everything"
+
+
+def test_fine_tuning_from_a_hardware_checkpoint_starts_from_its_weights(corpus: Path, tmp_path: Path) -> None:
+    source = Trainer(load_train_config(corpus / "train.yaml"), tmp_path / "source")
+    source.train(steps=1)
+    source.hardware_checkpoint().save(tmp_path / "model.hwckpt")
+    cfg = load_train_config(corpus / "train.yaml").model_copy(
+        update={"fine_tune_from": tmp_path / "model.hwckpt", "seed": 2}
+    )
+    tuned = Trainer(cfg, tmp_path / "tuned")
+    exported = source.ema.model.rnnt.state_dict()
+    for model in (tuned.model.rnnt, tuned.ema.model.rnnt):
+        assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
+    fresh = Trainer(cfg.model_copy(update={"fine_tune_from": None}), tmp_path / "fresh")
+    assert not torch.equal(fresh.model.rnnt.joint.out.weight, tuned.model.rnnt.joint.out.weight)
+    assert tuned.step == 0, "fine-tuning starts a new schedule"
+    tuned.train(steps=1)  # the fresh CTC heads train beside the loaded RNN-T
+
+
+def test_fine_tuning_refuses_a_hardware_checkpoint_of_another_tokenizer(
+    corpus: Path, tmp_path: Path, tiny_config: ModelConfig
+) -> None:
+    source = Trainer(load_train_config(corpus / "train.yaml"), tmp_path / "source")
+    spm = train_tokenizer(sentences(400, seed=7), tiny_config.vocab_size, tmp_path / "other")
+    other = dataclasses.replace(source.hardware_checkpoint(), tokenizer_model=spm.read_bytes())
+    other.save(tmp_path / "other.hwckpt")
+    cfg = load_train_config(corpus / "train.yaml").model_copy(
+        update={"fine_tune_from": tmp_path / "other.hwckpt"}
+    )
+    with pytest.raises(ValueError, match=r"other\.hwckpt: its tokenizer differs"):
+        Trainer(cfg, tmp_path / "tuned")
 
 
 def test_batches_carry_the_normalised_transcript_as_characters(

@@ -120,7 +120,9 @@ class TrainConfig(_Strict):
     )
     freeze_encoder: bool = False
     fine_tune_from: Path | None = Field(
-        None, description="start from this checkpoint's weights (not its optimizer)"
+        None,
+        description="start from this training checkpoint's EMA weights (not its optimizer or step), "
+        "or from a hardware checkpoint (.hwckpt) with the same model config and tokenizer",
     )
     threads: int = Field(2, gt=0, description="torch CPU threads")
     data_workers: int = Field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gharial.training.config import OptimConfig, TrainConfig
 
-HOLD_FRACTION = 0.4  # of the steps after warmup, when a schedule is fitted to a time budget
+HOLD_FRACTION = 0.4  # of the RNN-T steps after the warmups, when a schedule is fitted to a time budget
 DECAY_HALF_LIVES = 4  # the rest decays over this many half-lives: the last rate is lr / 16
 
 
@@ -20,13 +20,16 @@ def learning_rate(step: int, cfg: OptimConfig) -> float:
 
 def fit_schedule(cfg: TrainConfig, total_steps: int) -> TrainConfig:
     """The config with `training_steps` = total_steps and hold and decay scaled to fill them (warmup
-    kept): what a run with a wall-clock budget uses once it knows how many steps fit."""
-    after_warmup = max(total_steps - cfg.optim.warmup_steps, 1)
-    hold = round(HOLD_FRACTION * after_warmup)
+    kept): what a run with a wall-clock budget uses once it knows how many steps fit. The rate holds
+    through a CTC warm-up and then for HOLD_FRACTION of the RNN-T steps, so the decay spans the steps
+    that train the whole model however long the warm-up is."""
+    start = max(cfg.optim.warmup_steps, cfg.ctc_warmup_steps)
+    span = max(total_steps - start, 1)
+    hold = round(HOLD_FRACTION * span)
     optim = cfg.optim.model_copy(
         update={
-            "hold_steps": hold,
-            "half_life_steps": max(round((after_warmup - hold) / DECAY_HALF_LIVES), 1),
+            "hold_steps": start - cfg.optim.warmup_steps + hold,
+            "half_life_steps": max(round((span - hold) / DECAY_HALF_LIVES), 1),
         }
     )
     return cfg.model_copy(update={"training_steps": total_steps, "optim": optim})

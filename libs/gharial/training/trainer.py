@@ -186,10 +186,26 @@ class Trainer:
             self.rsp_history = [EncoderState(LSTMState(*s[:2]), LSTMState(*s[2:])) for s in ckpt.rsp_history]
             log.info(json.dumps({"event": "resumed", "checkpoint": str(latest), "step": self.step}))
         elif self.cfg.fine_tune_from is not None:
-            ckpt = TrainingCheckpoint.load(self.cfg.fine_tune_from)
-            self.model.load_state_dict(ckpt.ema)  # fine-tuning starts from the exported (EMA) weights
-            self.ema.model.load_state_dict(ckpt.ema)
+            self._start_from(self.cfg.fine_tune_from)
+            self.ema.model.load_state_dict(self.model.state_dict())
             log.info(json.dumps({"event": "fine_tune", "from": str(self.cfg.fine_tune_from)}))
+
+    def _start_from(self, path: Path) -> None:
+        """Fine-tuning starts from a training checkpoint's EMA weights, CTC heads included, or from a
+        hardware checkpoint (`.hwckpt`, e.g. the bundled model), whose RNN-T must match this run's
+        model config and tokenizer; the CTC heads then start fresh, as an exported model has none."""
+        if path.suffix != ".hwckpt":
+            self.model.load_state_dict(TrainingCheckpoint.load(path).ema)
+            return
+        exported = HardwareCheckpoint.load(path)
+        if exported.config != self.model_cfg:
+            raise ValueError(
+                f"{path}: its model config {exported.config.name!r} differs from this run's "
+                f"{self.model_cfg.name!r} (fine-tuning keeps the architecture)"
+            )
+        if exported.tokenizer_model != self.tokenizer_bytes:
+            raise ValueError(f"{path}: its tokenizer differs from {self.cfg.data.tokenizer}")
+        self.model.rnnt.load_state_dict(exported.state_dict)
 
     def hardware_checkpoint(self) -> HardwareCheckpoint:
         """The EMA weights as a hardware checkpoint (what `gharial export` writes)."""
