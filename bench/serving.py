@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from array import array
@@ -61,6 +62,18 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stack_cpu(stack: LocalStack) -> dict[str, float]:
+    """CPU seconds used so far by each service process and by this one (the performance client)."""
+    used = {s.name: cpu_seconds(s.process.pid) for s in stack.services if s.name != "license"}
+    return {**used, "client": time.process_time()}
 
 
 def stack_rss(stack: LocalStack) -> dict[str, float]:
@@ -112,7 +125,14 @@ async def perf_point(stack: LocalStack, inputs: list[Audio], streams: int, secon
     config = PerfConfig(host=host, port=port, connections=streams, perpetual=True, duration=seconds)
     sample: dict[str, dict[str, float]] = {}
     asyncio.get_running_loop().call_later(seconds / 2, lambda: sample.update(rss=stack_rss(stack)))
+    cpu_before = stack_cpu(stack)
     report: PerfReport = await run_perf(inputs, config)
+    cpu_used = {name: used - cpu_before[name] for name, used in stack_cpu(stack).items()}
+    # CPU cost per real-time stream: ms of CPU per second of audio served, each process apart. Unlike
+    # latency it hardly changes when other work shares the cores, and its sum bounds the capacity:
+    # cores × 1000 / total streams at most.
+    stream_seconds = streams * seconds
+    cpu_ms = {name: round(1000 * used / stream_seconds, 2) for name, used in cpu_used.items()}
     passed = (
         report.latency.p99_ms is not None
         and report.latency.p99_ms <= P99_LIMIT_MS
@@ -120,11 +140,22 @@ async def perf_point(stack: LocalStack, inputs: list[Audio], streams: int, secon
         and report.errors == 0
         and report.streams_held == streams
     )
-    return {"streams": streams, "passed": passed, "rss_mib": sample.get("rss", {}), **report.model_dump()}
+    return {
+        "streams": streams,
+        "passed": passed,
+        "rss_mib": sample.get("rss", {}),
+        "cpu_ms_per_stream_second": cpu_ms,
+        **report.model_dump(),
+    }
 
 
 def bench_backend(
-    backend: Backend, inputs: list[Audio], max_streams: int, seconds: float, overhead_streams: int
+    backend: Backend,
+    inputs: list[Audio],
+    stream_counts: list[int],
+    seconds: float,
+    overhead_streams: int,
+    stop_at_failure: bool = True,
 ) -> dict[str, Any]:
     console = Console()
     stack = LocalStack(cards=1, backend=backend, gateway_port=0)
@@ -136,7 +167,7 @@ def bench_backend(
         direct = asyncio.run(direct_latency(transcriber.address, inputs, overhead_streams, seconds))
         via_gateway = asyncio.run(perf_point(stack, inputs, overhead_streams, seconds))
         points = []
-        for streams in [n for n in STEPS if n <= max_streams]:
+        for streams in stream_counts:
             point = asyncio.run(perf_point(stack, inputs, streams, seconds))
             points.append(point)
             lat = point["latency"]
@@ -144,9 +175,10 @@ def bench_backend(
                 f"{backend} N={streams}: p50 {lat['p50_ms']} p99 {lat['p99_ms']} max {lat['max_ms']} ms,"
                 f" held {point['streams_held']}, dropped {point['dropped_responses']},"
                 f" errors {point['errors']}, client lag p99 {point['loop_lag']['p99_ms']} ms,"
-                f" client CPU {point['client_cpu_percent']}% → {'pass' if point['passed'] else 'FAIL'}"
+                f" client CPU {point['client_cpu_percent']}%, CPU ms per stream-second"
+                f" {point['cpu_ms_per_stream_second']} → {'pass' if point['passed'] else 'FAIL'}"
             )
-            if not point["passed"]:
+            if stop_at_failure and not point["passed"]:
                 break
     finally:
         stack.down()
@@ -182,6 +214,13 @@ def main(
     backend: Annotated[str, typer.Option(help="cpu, accelerator (the emulated card) or both")] = "both",
     max_streams: Annotated[int, typer.Option(min=1, help="largest stream count tried")] = 512,
     seconds: Annotated[float, typer.Option(min=1.0, help="wall seconds per point")] = 20.0,
+    streams: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="measure only these stream counts (repeat the flag), each whether or not the one "
+            "before passed: for comparing CPU cost per stream at a fixed load"
+        ),
+    ] = None,
     overhead_streams: Annotated[
         int, typer.Option(min=1, help="streams for the gateway-overhead comparison (a light load)")
     ] = 4,
@@ -200,11 +239,13 @@ def main(
         raise typer.BadParameter("one of cpu, accelerator, both", param_hint="--backend")
     backends = choices[backend]
     inputs = [Audio.load(path) for path in (audio or default_audio())]
-    results = [bench_backend(b, inputs, max_streams, seconds, overhead_streams) for b in backends]
+    counts = sorted(streams) if streams else [n for n in STEPS if n <= max_streams]
+    results = [bench_backend(b, inputs, counts, seconds, overhead_streams, not streams) for b in backends]
     table = Table(
         title=f"serving capacity: p99 ≤ {P99_LIMIT_MS:.0f} ms, no drops ({seconds:.0f} s per point)"
     )
-    for column in ["backend", "real-time streams", "p99 at max (ms)", "gateway +p50/+p99 (ms)", "KiB/stream"]:
+    columns = ["backend", "real-time streams", "p99 at max (ms)", "gateway +p50/+p99 (ms)", "KiB/stream"]
+    for column in [*columns, "CPU ms per stream-second at max"]:
         table.add_column(column)
     for r in results:
         top = next((p for p in reversed(r["points"]) if p["passed"]), None)
@@ -215,6 +256,7 @@ def main(
             str(top["latency"]["p99_ms"]) if top else "-",
             f"{overhead['added_p50_ms']} / {overhead['added_p99_ms']}",
             ", ".join(f"{k} {v}" for k, v in r["kib_per_stream"].items()),
+            ", ".join(f"{k} {v}" for k, v in top["cpu_ms_per_stream_second"].items()) if top else "-",
         )
     Console().print(table)
     RESULTS.parent.mkdir(exist_ok=True)

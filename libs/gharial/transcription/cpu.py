@@ -1,9 +1,13 @@
 """The CPU backend: a hardware checkpoint run by `Recognizer`, many streams' frames in one step.
 
-Steps run on the transcriber's event loop. Each step takes every frame waiting at that moment (one
-per stream) and advances all those streams with one `Recognizer.step` call. A step starts once
-every open stream has its frame waiting, or once the oldest waiting frame has waited the batch
-window, whichever comes first: like the card's 60 ms batches, but a frame waits at most the window.
+Each step takes every frame waiting at that moment (one per stream) and advances all those streams
+with one `Recognizer.step` call. A step starts once every open stream has its frame waiting, or
+once the oldest waiting frame has waited the batch window, whichever comes first: like the card's
+60 ms batches, but a frame waits at most the window. One step runs at a time, on a thread of its
+own: torch lets go of the GIL in the model's matrix work, so the event loop goes on reading and
+answering the streams' gRPC messages (and cutting their features) meanwhile, on the other core,
+instead of holding every message that arrives during a step until it ends. Frames that arrive
+during a step wait for the next one.
 
 Why wait at all: a step at a small batch is bound by reading the weights (the whole model streams
 through the cache every step: en-small costs ~4 ms a step at batch 1 and ~24 ms at batch 100,
@@ -15,7 +19,9 @@ resets and endpoints are the recognizer's (`gharial.asr`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +65,8 @@ class CpuBackend:
         self._waiting: list[_Frame] = []
         self._open_streams = 0
         self._timer: asyncio.TimerHandle | None = None  # the window of the oldest waiting frame
+        self._stepping = False  # a step is running on the model thread
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-step")
         self._closed = False
 
     async def open_stream(self, keywords: list[list[int]]) -> CpuStream:
@@ -78,12 +86,23 @@ class CpuBackend:
         frame = _Frame(stream, features, loop.create_future())
         self._waiting.append(frame)
         if len(self._waiting) == 1:
-            self._timer = loop.call_at(loop.time() + self.batch_window_s, self._step)
+            self._timer = loop.call_at(loop.time() + self.batch_window_s, self._window_ended)
         self._step_if_complete()
         return await frame.decoded
 
     def close(self) -> None:
+        """Stop: frames still waiting fail (their streams have had the drain to finish)."""
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for frame in self._waiting:
+            if not frame.decoded.done():
+                frame.decoded.set_exception(BackendError("the CPU backend has stopped"))
+        self._waiting = []
+        self._model_thread.shutdown(wait=False)
+
+    def _window_ended(self) -> None:
+        self._timer = None
         self._step()
 
     def _step_if_complete(self) -> None:
@@ -92,6 +111,9 @@ class CpuBackend:
             self._step()
 
     def _step(self) -> None:
+        """Start a step over the frames waiting, unless one is running: its end starts the next."""
+        if self._stepping or self._closed:
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -100,15 +122,26 @@ class CpuBackend:
         if not batch:
             return
         BATCH_SIZE.observe(len(batch))
-        try:
-            decoded = self._decode(batch)
-        except Exception as error:  # fail this batch's streams, keep serving the others
+        self._stepping = True
+        running = asyncio.get_running_loop().run_in_executor(self._model_thread, self._decode, batch)
+        running.add_done_callback(functools.partial(self._step_done, batch))
+
+    def _step_done(self, batch: list[_Frame], running: asyncio.Future[list[Decoded]]) -> None:
+        self._stepping = False
+        error = running.exception()
+        if error is not None:  # fail this batch's streams, keep serving the others
             log_event(log, "model_step_failed", logging.ERROR, streams=len(batch), error=repr(error))
-            for frame in batch:
+        for i, frame in enumerate(batch):
+            if frame.decoded.done():  # the stream went away during the step
+                continue
+            if error is not None:
                 frame.decoded.set_exception(BackendError(f"model step failed: {error!r}"))
-            return
-        for frame, result in zip(batch, decoded, strict=True):
-            frame.decoded.set_result(result)
+            else:
+                frame.decoded.set_result(running.result()[i])
+        # Frames that came during the step: go on at once if they are all the streams' or if the
+        # oldest one's window ended meanwhile (its timer found the step running and left them).
+        if self._waiting and (self._timer is None or len(self._waiting) >= self._open_streams):
+            self._step()
 
     def _decode(self, batch: list[_Frame]) -> list[Decoded]:
         features = torch.stack([frame.features for frame in batch])
