@@ -22,6 +22,8 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gharial.accelerator.compiler import compile_checkpoint
 from gharial.accelerator.executor import ProgramExecutor
@@ -153,6 +155,27 @@ def test_alternatives_rank_texts_by_the_share_of_hypotheses_saying_them(tiny_tok
     assert confidences == sorted(confidences, reverse=True) and all(0 <= c <= 1 for c in confidences)
     single = transcript.alternatives(tokens("the big"), [(tokens("the big"), 0.0)], limit=3)
     assert [(a.transcript, a.confidence) for a in single] == [("the big", 1.0)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 30), max_size=6)), max_size=25))
+def test_tails_are_the_same_whether_remembered_or_computed_afresh(
+    tiny_tokenizer_bytes: bytes, calls: list[tuple[bool, list[int]]]
+) -> None:
+    """Each call finalises some tokens or asks for a tail; the transcript that remembers tails
+    answers exactly as one that builds every tail from scratch (a new Transcript each time)."""
+    tokenizer = Tokenizer.from_bytes(tiny_tokenizer_bytes)
+    remembering, finalised = Transcript(tokenizer), []
+    for finalise, ids in calls:
+        tokens = [Token(i, 0) for i in ids]
+        if finalise:
+            remembering.finalise(tokens)
+            finalised += tokens
+            continue
+        fresh = Transcript(tokenizer)
+        fresh.finalise(finalised)
+        assert remembering.tail(tokens) == fresh.tail(tokens)
+        assert remembering.tail(tokens) == fresh.tail(tokens), "asked again: the remembered tail"
 
 
 # --- CPU backend ---------------------------------------------------------------------------------

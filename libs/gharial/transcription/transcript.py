@@ -28,6 +28,8 @@ from gharial.asr.pipeline import tokens_to_text
 from gharial.asr.tokenizer import Tokenizer
 from gharial.protos import transcriber_pb2 as pb
 
+MAX_CACHED_TAILS = 256  # a beam's hypotheses over a few frames
+
 
 class Transcript:
     """The text finalised so far in one stream, and the tails and alternatives built on it."""
@@ -38,6 +40,9 @@ class Transcript:
         self._lead = " " if continues else ""
         self._finalised = ""  # raw text (pieces joined) of every finalised token
         self._sent = ""  # its visible part, already sent in final responses
+        # tail() by token ids, until the next finalise: a stream's unfinalised tokens change only
+        # every few frames, and greedy's one hypothesis is the provisional tail itself.
+        self._tails: dict[tuple[int, ...], str] = {}
 
     def _visible(self, raw: str) -> str:
         text = raw.strip()
@@ -49,11 +54,19 @@ class Transcript:
         visible = self._visible(self._finalised)
         delta = visible[len(self._sent) :]
         self._sent = visible
+        self._tails.clear()
         return delta
 
     def tail(self, tokens: list[Token]) -> str:
         """The visible text unfinalised `tokens` would add after the finalised text."""
-        return self._visible(self._finalised + tokens_to_text(self.tokenizer, tokens))[len(self._sent) :]
+        ids = tuple(t.id for t in tokens)
+        text = self._tails.get(ids)
+        if text is None:
+            if len(self._tails) >= MAX_CACHED_TAILS:
+                self._tails.clear()
+            text = self._visible(self._finalised + tokens_to_text(self.tokenizer, tokens))[len(self._sent) :]
+            self._tails[ids] = text
+        return text
 
     def alternatives(
         self, provisional: list[Token], nbest: list[tuple[list[Token], float]], limit: int
