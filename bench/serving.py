@@ -4,7 +4,7 @@ this machine, what the gateway adds to frame latency, and the memory an open str
 Per backend (cpu, accelerator = emulated card), against a fresh `LocalStack`:
 
   capacity   the performance client (`gharial perf`, in this process) drives N perpetual real-time
-             streams for --seconds at N = 1, 2, 4, 8, 16, 32, 64, 96, 128, … up to --max-streams; a point
+             streams for --seconds at N = 1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128, … up to --max-streams; a point
              passes when p99 frame latency ≤ 100 ms, no response is dropped, no stream errs and
              every stream keeps real time. The first failure stops the sweep; capacity is the
              largest passing N.
@@ -48,7 +48,7 @@ EXAMPLE_AUDIO = REPO_ROOT / "clients" / "examples" / "cathy-arctic-b0460.flac"
 # clients' do; streams all looping one file would open and close together every few seconds.
 SPEECH_DEV_AUDIO = REPO_ROOT.parent / "shared" / "data" / "speech-dev" / "audio"
 
-STEPS = [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256, 320, 384, 512]
+STEPS = [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192, 224, 256, 320, 384, 512]
 P99_LIMIT_MS = 100.0
 
 

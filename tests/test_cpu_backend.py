@@ -30,12 +30,12 @@ def stt() -> SpeechToText:
 
 
 def frames_of(stt: SpeechToText, audio: Tensor) -> list[Tensor]:
-    """The stream's features, 60 ms frame by 60 ms frame (the tail padded, as at end of stream)."""
+    """The stream's frames as a session hands them to the backend: the samples each frame's
+    features are computed from (`StreamingFeatures.take_frames`), the tail padded."""
     features = stt.features.stream()
     n = stt.features.samples_per_frame
-    frames = [features.accept(audio[i : i + n]) for i in range(0, len(audio) - n + 1, n)]
-    tail = features.flush()
-    return [f for f in frames if len(f)] + ([tail] if len(tail) else [])
+    frames = [features.take_frames(audio[i : i + n]) for i in range(0, len(audio) - n + 1, n)]
+    return [f for f in [*frames, features.flush_frames()] if f is not None]
 
 
 def spy_on_steps(backend: CpuBackend, gate: threading.Event | None = None) -> list[int]:
@@ -151,7 +151,7 @@ def test_a_failed_step_fails_its_streams_and_the_next_step_runs(stt: SpeechToTex
         backend = CpuBackend(stt, max_streams=8, batch_window_s=0.01)
         stream = await backend.open_stream([])
         with pytest.raises(BackendError, match="model step failed"):
-            await stream.step(torch.zeros(3, 7))  # features of the wrong shape
+            await stream.step(torch.zeros(7))  # too few samples for a frame's features
         assert (await stream.step(frame)).final == []
         backend.close()
 

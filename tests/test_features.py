@@ -44,6 +44,24 @@ def test_any_cutting_gives_offline_features(n: int, cuts: list[int], seed: int) 
     torch.testing.assert_close(stream_features(audio, cuts), offline, rtol=0, atol=1e-5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(sizes=st.lists(st.integers(1, 4000), min_size=1, max_size=8), seed=st.integers(0, 100))
+def test_many_streams_frames_computed_together_equal_each_alone(sizes: list[int], seed: int) -> None:
+    """What the CPU backend does each step: streams' buffered frames (of any lengths) computed as
+    batches give each stream's own features."""
+    streams = [EXTRACTOR.stream() for _ in sizes]
+    buffered = [
+        s.take_frames(noise(n, seed + i)) for i, (s, n) in enumerate(zip(streams, sizes, strict=True))
+    ]
+    kept = [b if b is not None else s.flush_frames() for s, b in zip(streams, buffered, strict=True)]
+    assert all(b is not None for b in kept)
+    together = EXTRACTOR.of_buffered_many([b for b in kept if b is not None])
+    alone = [EXTRACTOR.of_buffered(b) for b in kept if b is not None]
+    assert [t.shape for t in together] == [a.shape for a in alone]
+    for t, a in zip(together, alone, strict=True):
+        torch.testing.assert_close(t, a, rtol=0, atol=1e-5)
+
+
 def test_first_frame_needs_no_lookahead() -> None:
     """Causal windows: the first 60 ms of audio yields its features at once, equal to offline."""
     audio = noise(5000)

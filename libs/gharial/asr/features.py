@@ -88,15 +88,33 @@ class FeatureExtractor:
         self.inv_std = torch.tensor(stats.var, dtype=torch.float64).rsqrt().float()
 
     def log_mels(self, emphasised: Tensor) -> Tensor:
-        """Un-normalised log-mels [frames, n_mels] of pre-emphasised samples whose first
-        (window − hop) samples are history from before the frames being computed."""
-        frames = emphasised.unfold(0, self.cfg.window_samples, self.cfg.hop_samples) * self.window
+        """Un-normalised log-mels [..., frames, n_mels] of pre-emphasised samples [..., N] whose
+        first (window − hop) samples are history from before the frames being computed."""
+        frames = emphasised.unfold(-1, self.cfg.window_samples, self.cfg.hop_samples) * self.window
         power = torch.fft.rfft(frames, n=self.cfg.n_fft).abs().square()
         return torch.log(torch.clamp(power @ self.filterbank, min=LOG_FLOOR))
 
     def normalise_and_stack(self, log_mels: Tensor) -> Tensor:
+        """[..., frames, n_mels] → [..., frames / stack, stack · n_mels]."""
         normalised = (log_mels - self.mean) * self.inv_std
-        return normalised.reshape(-1, self.cfg.stack * self.cfg.n_mels)
+        return normalised.reshape(*log_mels.shape[:-2], -1, self.cfg.stack * self.cfg.n_mels)
+
+    def of_buffered(self, buffered: Tensor) -> Tensor:
+        """Features [2·k, F] of samples buffered by `StreamingFeatures.take_frames` (k frames)."""
+        return self.normalise_and_stack(self.log_mels(buffered))
+
+    def of_buffered_many(self, buffered: list[Tensor]) -> list[Tensor]:
+        """`of_buffered` of many streams' buffers: each length's buffers as one batch, which costs
+        a fraction of computing them one by one (the per-operation overhead is paid once)."""
+        features: list[Tensor | None] = [None] * len(buffered)
+        by_length: dict[int, list[int]] = {}
+        for i, samples in enumerate(buffered):
+            by_length.setdefault(len(samples), []).append(i)
+        for rows in by_length.values():
+            batch = self.of_buffered(torch.stack([buffered[i] for i in rows]))
+            for i, row in zip(rows, batch, strict=True):
+                features[i] = row
+        return [f for f in features if f is not None]
 
     def pad_to_frames(self, audio: Tensor) -> Tensor:
         """Zero-pad to a whole number of 60 ms frames (at least one)."""
@@ -142,23 +160,39 @@ class StreamingFeatures:
 
     def accept(self, audio: Tensor) -> Tensor:
         """Add samples; return features [2·k, F] for the k frames they complete (k may be 0)."""
+        buffered = self.take_frames(audio)
+        if buffered is None:
+            return torch.zeros(0, self.extractor.cfg.feature_dim)
+        return self.extractor.of_buffered(buffered)
+
+    def flush(self) -> Tensor:
+        """End of stream: zero-pad the leftover samples to a whole frame and return its features.
+        A stream that never produced a frame gets one frame of padding, as offline does."""
+        buffered = self.flush_frames()
+        if buffered is None:
+            return torch.zeros(0, self.extractor.cfg.feature_dim)
+        return self.extractor.of_buffered(buffered)
+
+    def take_frames(self, audio: Tensor) -> Tensor | None:
+        """`accept` without computing the features: the stream's state moves on and the samples
+        their computation needs come back (`FeatureExtractor.of_buffered`), None when the audio
+        completes no frame. A server computes many streams' frames together this way."""
         self.pending = torch.cat([self.pending, audio.float()])
         n = self.extractor.samples_per_frame
         whole = self.pending.shape[0] // n * n
         if whole == 0:
-            return torch.zeros(0, self.extractor.cfg.feature_dim)
+            return None
         chunk, self.pending = self.pending[:whole], self.pending[whole:]
         emphasised = preemphasise(chunk, self.extractor.cfg.preemphasis, self.previous_sample)
         self.previous_sample = float(chunk[-1])
         buffered = torch.cat([self.history, emphasised])
         self.history = buffered[buffered.shape[0] - self.extractor.history :]
         self.frames_emitted += whole // n
-        return self.extractor.normalise_and_stack(self.extractor.log_mels(buffered))
+        return buffered
 
-    def flush(self) -> Tensor:
-        """End of stream: zero-pad the leftover samples to a whole frame and return its features.
-        A stream that never produced a frame gets one frame of padding, as offline does."""
+    def flush_frames(self) -> Tensor | None:
+        """`flush` without computing the features (see `take_frames`)."""
         leftover = self.pending.shape[0]
         if leftover == 0 and self.frames_emitted > 0:
-            return torch.zeros(0, self.extractor.cfg.feature_dim)
-        return self.accept(torch.zeros(self.extractor.samples_per_frame - leftover))
+            return None
+        return self.take_frames(torch.zeros(self.extractor.samples_per_frame - leftover))

@@ -237,7 +237,8 @@ class CardStream:
         self.tokens: list[Token] = []  # since the last commit, EOS tokens included
         self._closed = False
 
-    async def step(self, features: Tensor) -> Decoded:
+    async def step(self, buffered: Tensor) -> Decoded:
+        features = self.backend.model.features.of_buffered(buffered)
         segment = self.backend.streaming.segment_frames
         reset = bool(segment) and self.frame > 0 and self.frame % segment == 0
         final = self._commit() if reset else []

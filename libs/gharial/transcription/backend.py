@@ -47,8 +47,10 @@ class BackendFull(Exception):
 
 
 class BackendStream(Protocol):
-    async def step(self, features: Tensor) -> Decoded:
-        """Decode one 60 ms frame, features [features_per_frame, F]."""
+    async def step(self, buffered: Tensor) -> Decoded:
+        """Decode one 60 ms frame, given as its stream's buffered samples
+        (`StreamingFeatures.take_frames`): the backend computes the features, so that it may
+        compute many streams' at once."""
         ...
 
     def finish(self) -> list[Token]:

@@ -14,8 +14,9 @@ STREAMS = Counter("gharial_transcriber_streams_total", "Streams ended, by outcom
 FRAMES = Counter("gharial_transcriber_frames_total", "60 ms audio frames transcribed")
 STAGE_SECONDS = Histogram(
     "gharial_transcriber_frame_stage_seconds",
-    "Time per frame in each stage: features (host), model (CPU step or card round trip, waiting "
-    "included), decode (tokens to response)",
+    "Time per frame in each stage: features (host: audio buffered for the features), model "
+    "(features computed, then the CPU step or card round trip, waiting included), decode "
+    "(tokens to response)",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )

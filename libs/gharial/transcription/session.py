@@ -1,10 +1,11 @@
 """One stream: its audio, 60 ms frame by frame, in; one response per frame and a final response out.
 
-Per frame: host-side streaming features (identical to offline features, `gharial.asr.features`),
-then the backend decodes the frame, then the decoding becomes a response (`transcript.py`): final
-when the frame finalised tokens (an endpoint or a state reset), else provisional. At end of stream
-the features are flushed (the tail padded, as offline does), the backend finishes, and the final
-response carries everything not yet final.
+Per frame: host-side streaming features (identical to offline features, `gharial.asr.features`):
+the session buffers the frame's samples and the backend computes its features (the CPU backend
+all waiting streams' in one batch) and decodes the frame; then the decoding becomes a response
+(`transcript.py`): final when the frame finalised tokens (an endpoint or a state reset), else
+provisional. At end of stream the features are flushed (the tail padded, as offline does), the
+backend finishes, and the final response carries everything not yet final.
 
 Times: a response covers the audio from the end of the previous final response (where its text
 starts) to the end of its frame, in seconds on the stream's timeline (which starts at
@@ -63,12 +64,13 @@ class Session:
             )
         if not 0 < len(data) <= self.frame_bytes or len(data) % 2:
             raise BadAudio(f"an audio frame is 2 to {self.frame_bytes} bytes of S16LE, got {len(data)}")
-        features = self.features.accept(pcm16_to_float(data))
-        if len(data) < self.frame_bytes:  # the last frame: padded now, as end of stream would
+        buffered = self.features.take_frames(pcm16_to_float(data))
+        if buffered is None:  # a short frame, so the last one: padded now, as end of stream would
             self.ended_short = True
-            features = torch.cat([features, self.features.flush()])
+            buffered = self.features.flush_frames()
+            assert buffered is not None, "flushing a part frame gives a frame"
         STAGE_SECONDS.labels(stage="features").observe(time.perf_counter() - received)
-        decoded = await self._decode(features)
+        decoded = await self._decode(buffered)
         started = time.perf_counter()
         index = self.next_frame
         self.next_frame += 1
@@ -87,8 +89,8 @@ class Session:
         """End of stream → the final response, whose frame index is the one after the last frame.
         A stream that sent no audio still has one frame of padding decoded, as offline recognition
         of empty audio does."""
-        padding = self.features.flush()
-        final = (await self._decode(padding)).final if len(padding) else []
+        padding = self.features.flush_frames()
+        final = (await self._decode(padding)).final if padding is not None else []
         return self._final(final + self.stream.finish(), self.next_frame)
 
     async def close(self) -> None:
@@ -98,9 +100,9 @@ class Session:
     def frames_answered(self) -> int:
         return self.next_frame - self.first_frame
 
-    async def _decode(self, features: torch.Tensor) -> Decoded:
+    async def _decode(self, buffered: torch.Tensor) -> Decoded:
         started = time.perf_counter()
-        decoded = await self.stream.step(features)
+        decoded = await self.stream.step(buffered)
         STAGE_SECONDS.labels(stage="model").observe(time.perf_counter() - started)
         return decoded
 
