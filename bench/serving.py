@@ -4,8 +4,8 @@ this machine, what the gateway adds to frame latency, and the memory an open str
 Per backend (cpu, accelerator = emulated card), against a fresh `LocalStack`:
 
   capacity   the performance client (`gharial perf`, in this process) drives N perpetual real-time
-             streams for --seconds at N = 1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128, … up to --max-streams; a point
-             passes when p99 frame latency ≤ 100 ms, no response is dropped, no stream errs and
+             streams for --seconds at N = 1, 2, 4, 8, 16, 32, 48, 64, 80, … (STEPS) up to
+             --max-streams; a point passes when p99 frame latency ≤ 100 ms, no response is dropped, no stream errs and
              every stream keeps real time. The first failure stops the sweep; capacity is the
              largest passing N.
   overhead   at --overhead-streams streams: p99 (and p50) frame latency through the gateway minus
