@@ -5,9 +5,12 @@ Per backend (cpu, accelerator = emulated card), against a fresh `LocalStack`:
 
   capacity   the performance client (`gharial perf`, in this process) drives N perpetual real-time
              streams for --seconds at N = 1, 2, 4, 8, 16, 32, 48, 64, 80, … (STEPS) up to
-             --max-streams; a point passes when p99 frame latency ≤ 100 ms, no response is dropped, no stream errs and
-             every stream keeps real time. The first failure stops the sweep; capacity is the
-             largest passing N.
+             --max-streams; a point passes when p99 frame latency ≤ 100 ms, no response is
+             dropped, no stream errs and every stream keeps real time. The first failure stops
+             the sweep; capacity is the largest passing N. --streams measures given N instead.
+  cost       CPU ms per stream-second of audio of each process (gateway, transcriber, emulator,
+             and this one, the client) at each point: robust to other work on the machine, and
+             the sum bounds the capacity (cores × 1000 / sum streams at most).
   overhead   at --overhead-streams streams: p99 (and p50) frame latency through the gateway minus
              the same through the transcriber's gRPC Transcribe called directly (a small driver
              here, same audio, same pacing).
