@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import grpc
+import torch
 import typer
 
 from gharial.accelerator.card import BATCH_WINDOW_MS, Card, CardError, CardMode, FrameOutcome
@@ -191,6 +192,16 @@ def serve(
     paced: Annotated[
         bool, typer.Option(envvar=_env("paced"), help="Release results at their simulated completion time.")
     ] = False,
+    torch_threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar=_env("torch_threads"),
+            help="Threads the program's arithmetic (compute mode) may use. 1 (the default) leaves the "
+            "other cores to the host's services: torch's idle threads spin, and at a card's batch sizes "
+            "a second thread saves less than it takes.",
+        ),
+    ] = 1,
     host: Annotated[str, typer.Option(envvar=_env("host"), help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar=_env("port"), help="gRPC port.")] = 50051,
     metrics_port: Annotated[
@@ -202,6 +213,7 @@ def serve(
 ) -> None:
     """Run one emulated accelerator card as a gRPC service."""
     configure_logging("emulator", log_level)
+    torch.set_num_threads(torch_threads)
     card_mode: CardMode = "timing_only" if mode.replace("-", "_") == "timing_only" else "compute"
     if mode.replace("-", "_") not in _MODES:
         raise typer.BadParameter(f"--mode must be compute or timing-only, not {mode!r}")

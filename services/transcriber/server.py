@@ -177,9 +177,11 @@ def serve(
         typer.Option(
             min=1,
             envvar=_env("torch_threads"),
-            help="CPU backend: threads one model step may use. 1 (the default) leaves the other cores "
-            "to the gateway and the event loop; torch's idle threads spin, and at streaming batch sizes "
-            "a second thread saves less than it takes.",
+            help="Threads torch may use: the CPU backend's model step, and either backend's host-side "
+            "features. 1 (the default) leaves the other cores to the gateway and the event loop; "
+            "torch's idle threads spin, and at streaming batch sizes a second thread saves less than "
+            "it takes (with the accelerator backend, features on torch's default threads cost 3-6x "
+            "the CPU per stream).",
         ),
     ] = 1,
     beam_decoder: Annotated[
@@ -332,8 +334,8 @@ def serve(
     try:
         streaming = StreamingConfig(sr_segment_s=sr_segment if state_resets else 0.0, sr_overlap_s=sr_overlap)
         backend: Backend
+        torch.set_num_threads(torch_threads)
         if cpu_backend_flag:
-            torch.set_num_threads(torch_threads)
             width = beam_width if beam_decoder else 1
             backend = cpu_backend(checkpoint, width, lm_scale, streaming, max_streams, batch_window_ms / 1000)
         else:
