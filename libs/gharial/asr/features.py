@@ -106,15 +106,14 @@ class FeatureExtractor:
     def of_buffered_many(self, buffered: list[Tensor]) -> list[Tensor]:
         """`of_buffered` of many streams' buffers: each length's buffers as one batch, which costs
         a fraction of computing them one by one (the per-operation overhead is paid once)."""
-        features: list[Tensor | None] = [None] * len(buffered)
         by_length: dict[int, list[int]] = {}
         for i, samples in enumerate(buffered):
             by_length.setdefault(len(samples), []).append(i)
+        features: dict[int, Tensor] = {}
         for rows in by_length.values():
             batch = self.of_buffered(torch.stack([buffered[i] for i in rows]))
-            for i, row in zip(rows, batch, strict=True):
-                features[i] = row
-        return [f for f in features if f is not None]
+            features.update(zip(rows, batch, strict=True))
+        return [features[i] for i in range(len(buffered))]
 
     def pad_to_frames(self, audio: Tensor) -> Tensor:
         """Zero-pad to a whole number of 60 ms frames (at least one)."""
@@ -160,15 +159,14 @@ class StreamingFeatures:
 
     def accept(self, audio: Tensor) -> Tensor:
         """Add samples; return features [2·k, F] for the k frames they complete (k may be 0)."""
-        buffered = self.take_frames(audio)
-        if buffered is None:
-            return torch.zeros(0, self.extractor.cfg.feature_dim)
-        return self.extractor.of_buffered(buffered)
+        return self._features(self.take_frames(audio))
 
     def flush(self) -> Tensor:
         """End of stream: zero-pad the leftover samples to a whole frame and return its features.
         A stream that never produced a frame gets one frame of padding, as offline does."""
-        buffered = self.flush_frames()
+        return self._features(self.flush_frames())
+
+    def _features(self, buffered: Tensor | None) -> Tensor:
         if buffered is None:
             return torch.zeros(0, self.extractor.cfg.feature_dim)
         return self.extractor.of_buffered(buffered)

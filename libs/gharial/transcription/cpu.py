@@ -132,13 +132,14 @@ class CpuBackend:
         error = running.exception()
         if error is not None:  # fail this batch's streams, keep serving the others
             log_event(log, "model_step_failed", logging.ERROR, streams=len(batch), error=repr(error))
+        decoded = [] if error is not None else running.result()
         for i, frame in enumerate(batch):
             if frame.decoded.done():  # the stream went away during the step
                 continue
             if error is not None:
                 frame.decoded.set_exception(BackendError(f"model step failed: {error!r}"))
             else:
-                frame.decoded.set_result(running.result()[i])
+                frame.decoded.set_result(decoded[i])
         # Frames that came during the step: go on at once if they are all the streams' or if the
         # oldest one's window ended meanwhile (its timer found the step running and left them).
         if self._waiting and (self._timer is None or len(self._waiting) >= self._open_streams):
