@@ -1,4 +1,4 @@
-"""Emulator numerics: does the card's arithmetic (int8 weights and activations, int32 accumulation,
+"""Emulator numerics: does the card's arithmetic (int16 weights and activations, exact accumulation,
 float16 state) transcribe like the CPU backend's float32 model?
 
 The hardware checkpoint (`--checkpoint`, default the bundled model) is compiled to a program, and the

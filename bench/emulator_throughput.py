@@ -5,7 +5,7 @@ benchmarks), each driven by N streams that keep exactly one frame in flight (a s
 next frame as soon as its previous result arrives, as fast as the card answers):
 
   compute      the bundled model compiled to a program, real speech features (one speech-dev
-               utterance per stream, looped), the program's int8 arithmetic on every frame;
+               utterance per stream, looped), the program's int16 arithmetic on every frame;
   timing-only  the same program, no arithmetic: only the timing model and the card's bookkeeping.
 
 Per N: stream-frames per second of wall time, the mean batch size, and "real-time streams" =

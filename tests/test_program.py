@@ -124,7 +124,7 @@ def test_info(program: Program, ckpt: HardwareCheckpoint) -> None:
                 expected_macs += program.tensors[ins.weight].numel()
     assert info == ProgramInfo(
         program_sha256=program.sha256,
-        format_version=1,
+        format_version=FORMAT_VERSION,
         program_version=gharial.__version__,
         release_date=gharial.RELEASE_DATE,
         architecture="tiny",
@@ -193,7 +193,7 @@ def test_unknown_format_version(saved: Path) -> None:
     with pytest.raises(
         ProgramError,
         match=r"tiny\.program: unsupported format version 99 \(written by 9\.9\.9\); "
-        r"this gharial \(0\.1\.0\) reads format versions \[1\]",
+        r"this gharial \(0\.1\.0\) reads format versions \[2\]",
     ):
         Program.load(saved)
 
@@ -236,8 +236,15 @@ def test_tensor_of_wrong_shape(saved: Path) -> None:
 
     rewrite_header(saved, change)
     with pytest.raises(
-        ProgramError, match=r"tensor 'joint\.out' is int8 \[16, 96\] but the layout needs int8 \[32, 48\]"
+        ProgramError, match=r"tensor 'joint\.out' is int16 \[16, 96\] but the layout needs int16 \[32, 48\]"
     ):
+        Program.load(saved)
+
+
+def test_int8_program_of_format_1_is_refused_by_version(saved: Path) -> None:
+    """Programs before December 2026 held int8 weights: their version, not their tensors, refuses them."""
+    rewrite_header(saved, lambda h: h.update(format_version=1))
+    with pytest.raises(ProgramError, match=r"unsupported format version 1 .*reads format versions \[2\]"):
         Program.load(saved)
 
 

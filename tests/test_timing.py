@@ -31,7 +31,7 @@ def timing(profile: CardProfile, cfg: ModelConfig, **changes: object) -> TimingM
 
 def test_named_and_file_profiles_load_and_unknown_keys_are_rejected(tmp_path: Path) -> None:
     card = load_profile("speedster7t")
-    assert card.macs_per_cycle == 2560 * 32  # 2,560 MLPs x 32 int8 multipliers
+    assert card.macs_per_cycle == 2560 * 16  # 2,560 MLPs x 32 int8 multipliers, two per int16 product
     path = tmp_path / "card.yaml"
     path.write_text(yaml.safe_dump(card.model_dump() | {"name": "copy"}))
     assert load_profile(path) == card.model_copy(update={"name": "copy"})

@@ -14,7 +14,7 @@ from torch import Tensor
 from gharial.accelerator.isa import MatVec
 from gharial.accelerator.layout import ProgramLayout, lower
 from gharial.accelerator.program import Program, ProgramMeta
-from gharial.accelerator.quantize import MAX_MATVEC_COLS, quantize_tensors
+from gharial.accelerator.quantize import ACCUMULATOR_BITS, MAX_MATVEC_COLS, quantize_tensors
 from gharial.asr.checkpoint import HardwareCheckpoint
 
 
@@ -52,10 +52,11 @@ def check_supported(layout: ProgramLayout, state_dict: dict[str, Tensor]) -> Non
             if isinstance(ins, MatVec) and (cols := layout.tensor(ins.weight).shape[1]) > MAX_MATVEC_COLS:
                 raise CompileError(
                     f"architecture {name!r}: {kernel} multiplies by {ins.weight!r} with {cols} columns; the "
-                    f"card's int32 accumulators hold dot products of at most {MAX_MATVEC_COLS} int8 terms"
+                    f"card's {ACCUMULATOR_BITS}-bit accumulators hold dot products of at most "
+                    f"{MAX_MATVEC_COLS} int16 terms"
                 )
     if layout.max_symbols_per_step < 1:
         raise CompileError(f"architecture {name!r}: max_symbols_per_step must be at least 1")
     for source, tensor in state_dict.items():
         if not bool(torch.isfinite(tensor).all()):
-            raise CompileError(f"parameter {source!r} has NaN or infinite values: int8 cannot represent them")
+            raise CompileError(f"parameter {source!r} has NaN or infinite values: int16 cannot hold them")

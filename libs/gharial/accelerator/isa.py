@@ -24,14 +24,14 @@ joint-projected encoder output in `enc`; `joint` leaves its argmax in the intege
 
 The arithmetic, which the emulator reproduces exactly:
 
-- ``matvec``: the source vector is quantized to int8 per stream with a symmetric scale
-  ``s_x = max|x| / 127`` (1 when x is all zeros), multiplied by an int8 weight matrix with int32
-  accumulation, and rescaled to float32 by ``s_x · s_w[row]`` (per-output-row weight scales).
+- ``matvec``: the source vector is quantized to int16 per stream with a symmetric scale
+  ``s_x = max|x| / 32767`` (1 when x is all zeros), multiplied by an int16 weight matrix with exact
+  48-bit accumulation, and rescaled to float32 by ``s_x · s_w[row]`` (per-output-row weight scales).
   ``accumulate`` adds the result to `dst` instead of overwriting it.
 - ``add_bias``, ``add``, ``relu``, ``lstm_cell``, ``concat``: float32, as written.
 - ``lstm_cell``: gates in PyTorch order (input, forget, cell, output):
   ``c' = σ(f)·c + σ(i)·tanh(g)``, ``h' = σ(o)·tanh(c')``.
-- ``embed``: row `token` of an int8 table times its row scale; the blank id (start of sequence)
+- ``embed``: row `token` of an int16 table times its row scale; the blank id (start of sequence)
   embeds to zeros.
 - ``load_state``/``store_state``: state memory holds float16, so a value stored and loaded
   again is rounded to float16.
@@ -77,7 +77,7 @@ class StoreState(_Instruction):
 
 
 class MatVec(_Instruction):
-    """`dst` (+)= dequantize(weight_int8 · quantize_int8(`src`)); weight [rows, cols], scale [rows]."""
+    """`dst` (+)= dequantize(weight_int16 · quantize_int16(`src`)); weight [rows, cols], scale [rows]."""
 
     op: Literal["matvec"] = "matvec"
     dst: str

@@ -5,7 +5,7 @@ weights): the timing model prices a layout without ever quantizing a weight, whi
 capacity study handles `base` and `large` cheaply. `gharial.accelerator.compiler` fills in the
 tensors from a hardware checkpoint.
 
-Naming: tensor `encoder.pre.0.w_ih` is the int8 input-to-hidden matrix of pre-RNN layer 0,
+Naming: tensor `encoder.pre.0.w_ih` is the int16 input-to-hidden matrix of pre-RNN layer 0,
 `….w_ih.scale` its per-row scales and `….bias` the float32 sum of PyTorch's two bias vectors
 (`b_ih + b_hh`: the card adds one bias per gate). State slot `pre.0.h` is that layer's hidden state.
 """
@@ -44,7 +44,7 @@ def feature_register(k: int) -> str:
 class TensorSpec(BaseModel):
     """One program constant and where its values come from in the hardware checkpoint's state dict.
 
-    role: `weight` (int8 [rows, cols], quantized per row), `scale` (float32 [rows], the per-row
+    role: `weight` (int16 [rows, cols], quantized per row), `scale` (float32 [rows], the per-row
     scales of the weight of the same name without `.scale`), `bias` (float32, the sum of `sources`).
     """
 
@@ -52,7 +52,7 @@ class TensorSpec(BaseModel):
 
     name: str
     role: Literal["weight", "scale", "bias"]
-    dtype: Literal["int8", "float32"]
+    dtype: Literal["int16", "float32"]
     shape: tuple[int, ...]
     sources: tuple[str, ...]
 
@@ -61,7 +61,7 @@ class TensorSpec(BaseModel):
         n = 1
         for d in self.shape:
             n *= d
-        return n * (1 if self.dtype == "int8" else 4)
+        return n * (2 if self.dtype == "int16" else 4)
 
 
 class StateSlot(BaseModel):
@@ -119,9 +119,9 @@ class _Builder:
         return name
 
     def linear(self, name: str, source: str, rows: int, cols: int, bias_sources: tuple[str, ...]) -> None:
-        """An int8 matrix with per-row scales, and (if `bias_sources`) a float32 bias."""
+        """An int16 matrix with per-row scales, and (if `bias_sources`) a float32 bias."""
         self.tensors += [
-            TensorSpec(name=name, role="weight", dtype="int8", shape=(rows, cols), sources=(source,)),
+            TensorSpec(name=name, role="weight", dtype="int16", shape=(rows, cols), sources=(source,)),
             TensorSpec(name=f"{name}.scale", role="scale", dtype="float32", shape=(rows,), sources=(source,)),
         ]
         if bias_sources:

@@ -48,14 +48,14 @@ from gharial.asr.features import MelStats
 from gharial.files import atomic_write
 
 FORMAT_NAME: Final = "gharial-program"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int16 weights (1: int8, December 2026)
 SUPPORTED_VERSIONS = (FORMAT_VERSION,)  # versions `from_bytes` reads
 MAGIC = b"GHARPROG"
 _PREAMBLE = struct.Struct("<8sQQ")  # magic, total_length, header_length
 _TRAILER_BYTES = 32
 _ALIGN = 64
-_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {"int8": np.dtype("<i1"), "float32": np.dtype("<f4")}
-_TORCH_DTYPES = {"int8": torch.int8, "float32": torch.float32}
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
+_TORCH_DTYPES = {"int16": torch.int16, "float32": torch.float32}
 
 
 class ProgramError(ValueError):
@@ -94,7 +94,7 @@ class TensorEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    dtype: Literal["int8", "float32"]
+    dtype: Literal["int16", "float32"]
     shape: tuple[int, ...]
     offset: int = Field(ge=0)  # from the start of the data section
     length: int = Field(ge=0)
@@ -330,7 +330,7 @@ def _dtype_name(t: Tensor, name: str, where: str | os.PathLike[str]) -> str:
     for dtype_name, dtype in _TORCH_DTYPES.items():
         if t.dtype == dtype:
             return dtype_name
-    raise ProgramError(f"{where}: tensor {name!r} is {t.dtype}; programs hold int8 and float32")
+    raise ProgramError(f"{where}: tensor {name!r} is {t.dtype}; programs hold int16 and float32")
 
 
 def _summarise(e: ValidationError) -> str:

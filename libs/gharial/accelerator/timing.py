@@ -198,17 +198,19 @@ class TimingModel:
         vector = state = gather = 0
         for ins in code:
             if isinstance(ins, MatVec):
-                rows, cols = layout.tensor(ins.weight).shape
+                weight = layout.tensor(ins.weight)
+                rows, cols = weight.shape
                 tiles.append(math.ceil(rows / p.mac_rows) * math.ceil(cols / p.mac_cols))
                 resident = ins.weight in self.resident
-                stream.append(0.0 if resident else rows * cols * cycles_per_byte)
+                stream.append(0.0 if resident else weight.nbytes * cycles_per_byte)
                 vector += cols + rows  # quantize the input, rescale the output
             elif isinstance(ins, LoadState | StoreState):
                 state += STATE_ELEMENT_BYTES * slot_sizes[ins.slot]
             elif isinstance(ins, LstmCell):
                 vector += layout.registers[ins.gates] + layout.registers[ins.c]
             elif isinstance(ins, Embed):
-                gather += layout.registers[ins.dst]
+                table = layout.tensor(ins.table)
+                gather += table.nbytes // table.shape[0]  # one row
                 vector += layout.registers[ins.dst]
             elif isinstance(ins, Argmax):
                 vector += layout.registers[ins.src]

@@ -15,7 +15,7 @@ def compile_command(
     notes: Annotated[str, typer.Option(help="free text stored in the program's metadata")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="print the program info as JSON")] = False,
 ) -> None:
-    """Compile a hardware checkpoint into a program (int8 weights; the same input gives the same bytes)."""
+    """Compile a hardware checkpoint into a program (int16 weights; the same input gives the same bytes)."""
     from gharial.accelerator.compiler import compile_checkpoint
     from gharial.asr.checkpoint import HardwareCheckpoint
 
