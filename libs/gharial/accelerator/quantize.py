@@ -20,7 +20,9 @@ The scheme (the arithmetic itself is specified in `isa.py` and carried out by `e
   tokens back, 31% of the tokens differed. An ablation (same 40 utterances, teacher-forced)
   showed that both halves matter: int16 activations with int8 weights still flipped 34 of 3,758
   decisions, int16 weights with int8 activations 17; int12 × int12 flipped 2, int16 × int16 none.
-  The price is twice the weight bytes and half the MACs per cycle (see the card profile).
+  The price on the card is twice the weight bytes and half the MACs per cycle (see the card
+  profile); in the emulator, exact int16 products run as float64 matrix products, 2-3x slower per
+  batch than int8's integer kernel (README, "Capacity").
 - **Biases and all element-wise work (LSTM cell, ReLU, additions): float32.** They are a vanishing
   share of the work and the cell's nonlinearities are where fixed point would hurt most.
 - **State memory: float16.** Per-stream state (LSTM h and c, the projected prediction-network
