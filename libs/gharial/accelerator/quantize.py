@@ -17,9 +17,10 @@ The scheme (the arithmetic itself is specified in `isa.py` and carried out by `e
 - **Why 16 bits and not 8:** with int8 weights and activations (int32 accumulation, this card's
   format until December 2026) the bundled model's greedy decisions on speech-dev disagreed with the
   float32 CPU backend's at 0.8% of its joint decisions, and because greedy decoding feeds its own
-  tokens back, 31% of the tokens differed. An ablation (same 40 utterances, teacher-forced)
-  showed that both halves matter: int16 activations with int8 weights still flipped 34 of 3,758
-  decisions, int16 weights with int8 activations 17; int12 × int12 flipped 2, int16 × int16 none.
+  tokens back, 27-31% of the tokens differed (two runs on 40 utterances). An ablation (the same
+  40 utterances, teacher-forced) showed that both halves matter: int16 activations with int8
+  weights still flipped 34 of 3,758 decisions, int16 weights with int8 activations 17; int12 ×
+  int12 flipped 2, int16 × int16 none.
   The price on the card is twice the weight bytes and half the MACs per cycle (see the card
   profile); in the emulator, exact int16 products run as float64 matrix products, 2-3x slower per
   batch than int8's integer kernel (README, "Capacity").
