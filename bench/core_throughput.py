@@ -1,15 +1,19 @@
 """Core throughput: how many real-time streams one CPU core sustains with the batched 60 ms step.
 
 One process, four sections (a rich table each, and one JSON file):
-  1. roofline: sgemm GFLOP/s (square sizes, and the LSTM/joint GEMM shapes at every swept batch)
-     and memory read bandwidth, on torch's threads;
+  1. roofline: sgemm GFLOP/s (square sizes, and the LSTM/joint GEMM shapes at every swept batch),
+     each with a plain `F.linear` and with a weight prepacked for oneDNN, and memory read
+     bandwidth, on torch's threads; the roofline is the best of all of them;
   2. sweep: for each config and batch B, ms per `Recognizer.step` over B greedy streams (what the
      servers run every 60 ms) and ms of the bare model math for the same B, so the recognizer's
      own overhead (state stacking, python) shows; real-time streams, FLOPs, GFLOP/s, roofline share.
-     Each B runs twice: with torch's default (oneDNN on, through which nn.LSTM runs on CPU) and
-     with oneDNN off, because oneDNN's LSTM costs milliseconds per call at small batches;
+     Each B runs three ways (`VARIANTS`): the plain model with torch's default (oneDNN on, through
+     which nn.LSTM runs on CPU), the plain model with oneDNN off (oneDNN's LSTM costs milliseconds
+     per call at small batches), and the model prepacked for CPU inference
+     (`gharial.asr.prepacked`), which is what the servers, `transcribe` and `validate` run;
   3. max real-time streams, streams per core, batching gain and roofline fraction vs the targets;
-  4. int8 dynamic quantization: step ms and speed-up vs fp32, and token agreement on real speech.
+  4. int8 dynamic quantization: step ms and speed-up vs fp32, and token agreement on real speech
+     (with the prepacked fp32 model's agreement with the plain one beside it).
 
 The weights are random, so three things make greedy decoding behave like a trained model's:
   - the encoder's weight matrices are scaled by `--encoder-gain` (2) and the joint's by
@@ -64,6 +68,7 @@ from gharial.asr.decoding.base import Token
 from gharial.asr.decoding.greedy import GreedyDecoder
 from gharial.asr.features import FeatureExtractor, MelStats
 from gharial.asr.model import RNNT, count_parameters
+from gharial.asr.prepacked import pack_weight, packed_product, prepack_for_cpu
 from gharial.asr.streaming import Recognizer
 from gharial.audio import load_audio
 from gharial.validation import edit_distance
@@ -71,7 +76,7 @@ from gharial.validation import edit_distance
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "core_throughput.json"
 DEFAULT_MANIFEST = Path("/work/shared/data/speech-dev/manifest.json")
 CONFIGS = ["small", "testing", "base"]
-BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+BATCHES = [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256]
 INT8_BATCHES = [1, 16, 64, 128, 256]
 SQUARES = [1024, 1536, 2048]
 TARGET_BATCHING_GAIN = 10.0  # base: streams per core at the largest real-time batch vs batch 1
@@ -117,11 +122,24 @@ def sustained_rate(work: Callable[[], object], units: float, seconds: float) -> 
     return max(rates)
 
 
-ONEDNN = (True, False)  # torch's default first, then with oneDNN (mkldnn) off
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the same fp32 model: oneDNN's global flag, and whether the model's
+    weights are prepacked (`prepack_for_cpu`; its products do not depend on the flag)."""
+
+    name: str
+    onednn: bool
+    prepacked: bool
+
+    def model(self, plain: RNNT) -> RNNT:
+        return prepack_for_cpu(copy.deepcopy(plain)) if self.prepacked else plain
 
 
-def onednn_name(on: bool) -> str:
-    return "onednn_on" if on else "onednn_off"
+VARIANTS = (
+    Variant("onednn_on", onednn=True, prepacked=False),  # torch's default
+    Variant("onednn_off", onednn=False, prepacked=False),
+    Variant("prepacked", onednn=True, prepacked=True),  # what the servers run
+)
 
 
 @contextmanager
@@ -149,8 +167,11 @@ def model_gemm_shapes(batch: int) -> dict[str, tuple[int, int, int]]:
     }
 
 
-def sgemm_gflops(m: int, k: int, n: int, seconds: float) -> float:
+def sgemm_gflops(m: int, k: int, n: int, seconds: float, prepacked: bool) -> float:
     a, w = torch.randn(m, k), torch.randn(n, k)
+    if prepacked:
+        packed = pack_weight(w)
+        return sustained_rate(lambda: packed_product(a, packed, None), 2 * m * k * n / 1e9, seconds)
     return sustained_rate(lambda: torch.nn.functional.linear(a, w), 2 * m * k * n / 1e9, seconds)
 
 
@@ -166,31 +187,39 @@ def measure_roofline(batches: list[int], squares: list[int], seconds: float) -> 
     shapes += [(f"B={b} {name}", mkn) for b in batches for name, mkn in model_gemm_shapes(b).items()]
     rows = []
     with progress() as bar:
-        task = bar.add_task("sgemm", total=len(shapes))
-        for name, (m, k, n) in shapes:
-            rows.append({"name": name, "m": m, "k": k, "n": n, "gflops": sgemm_gflops(m, k, n, seconds)})
-            bar.advance(task)
+        task = bar.add_task("sgemm", total=2 * len(shapes))
+        for prepacked in (False, True):
+            for name, (m, k, n) in shapes:
+                gflops = sgemm_gflops(m, k, n, seconds, prepacked)
+                rows.append({"name": name, "m": m, "k": k, "n": n, "prepacked": prepacked, "gflops": gflops})
+                bar.advance(task)
         bandwidth = read_bandwidth_gbs(512, seconds)
     best = max(rows, key=lambda r: r["gflops"])
     return {
         "sgemm": rows,
         "roofline_gflops": best["gflops"],
-        "roofline_shape": best["name"],
+        "roofline_shape": best["name"] + (", prepacked" if best["prepacked"] else ""),
         "read_bandwidth_gbs": bandwidth,
     }
 
 
 def print_roofline(roofline: dict[str, Any], batches: list[int]) -> None:
-    gflops = {r["name"]: r["gflops"] for r in roofline["sgemm"]}
+    gflops = {(r["name"], r["prepacked"]): r["gflops"] for r in roofline["sgemm"]}
     names = list(model_gemm_shapes(1))
     table = make_table(
-        f"1. sgemm GFLOP/s, float32, {torch.get_num_threads()} threads, [B, K] x [K, N] (model shapes)",
+        f"1. sgemm GFLOP/s, float32, {torch.get_num_threads()} threads, [B, K] x [K, N] (model shapes), "
+        "plain F.linear / weight prepacked",
         "B|" + "|".join(names),
     )
     for b in batches:
-        table.add_row(str(b), *[f"{gflops[f'B={b} {name}']:.1f}" for name in names])
+        cells = [f"{gflops[(f'B={b} {n}', False)]:.1f} / {gflops[(f'B={b} {n}', True)]:.1f}" for n in names]
+        table.add_row(str(b), *cells)
     console.print(table)
-    squares = ", ".join(f"{r['name']}: {r['gflops']:.0f}" for r in roofline["sgemm"] if "square" in r["name"])
+    squares = ", ".join(
+        f"{r['name']}{' prepacked' if r['prepacked'] else ''}: {r['gflops']:.0f}"
+        for r in roofline["sgemm"]
+        if "square" in r["name"]
+    )
     console.print(
         f"{squares}\nroofline = {roofline['roofline_gflops']:.0f} GFLOP/s ({roofline['roofline_shape']}); "
         f"memory read bandwidth {roofline['read_bandwidth_gbs']:.1f} GB/s"
@@ -374,26 +403,30 @@ def calibration_rate(model: RNNT, opts: dict[str, Any]) -> float:
 
 
 def measure_batch(
-    model: RNNT, batch: int, opts: dict[str, Any], roofline: dict[str, Any]
+    models: dict[Variant, RNNT], batch: int, opts: dict[str, Any], roofline: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Rows of the sweep at this batch, oneDNN on and off: Recognizer.step and bare math timed
+    """Rows of the sweep at this batch, one per variant: Recognizer.step and bare math timed
     together, and what follows from them."""
     warmup, steps = opts["warmup"], opts["steps"]
-    features = random_features(model, warmup + steps, batch, opts["seed"])
+    plain = models[VARIANTS[0]]
+    features = random_features(plain, warmup + steps, batch, opts["seed"])
     steppers = {}
-    for on in ONEDNN:
-        steppers[f"step {on}"] = (on, recognizer_stepper(model, batch, opts["max_symbols"], features))
-        steppers[f"math {on}"] = (on, math_stepper(model, batch, features))
+    for v, model in models.items():
+        steppers[f"step {v.name}"] = (
+            v.onednn,
+            recognizer_stepper(model, batch, opts["max_symbols"], features),
+        )
+        steppers[f"math {v.name}"] = (v.onednn, math_stepper(model, batch, features))
     timings = time_steppers(steppers, batch, warmup, steps)
-    macs, rows = Macs.of(model.cfg), []
-    for on in ONEDNN:
-        step, math = timings[f"step {on}"], timings[f"math {on}"].median
+    macs, rows = Macs.of(plain.cfg), []
+    for v in models:
+        step, math = timings[f"step {v.name}"], timings[f"math {v.name}"].median
         gflop = batch * macs.step_flops(step.emitted_per_stream) / 1e9
         gflops = gflop / (step.median / 1000)
         rows.append(
             {
                 "batch": batch,
-                "onednn": on,
+                "variant": v.name,
                 "step_ms": step.median,
                 "step_p90_ms": step.p90,
                 "step_times_ms": step.times_ms,
@@ -435,15 +468,16 @@ def real_time_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def sweep_config(
     cfg: ModelConfig, model: RNNT, batches: list[int], opts: dict[str, Any], roofline: dict[str, Any]
 ) -> dict[str, Any]:
-    """Time every batch size, oneDNN on and off, until both steps exceed stop_factor x 60 ms."""
+    """Time every batch size, each variant, until every variant's step exceeds stop_factor x 60 ms."""
     rows: list[dict[str, Any]] = []
     stopped_after, load_before = None, os.getloadavg()[0]
+    models = {v: v.model(model) for v in VARIANTS}
     with progress() as bar:
         task = bar.add_task(f"{cfg.name} sweep", total=len(batches))
         for b in batches:
-            rows += measure_batch(model, b, opts, roofline)
+            rows += measure_batch(models, b, opts, roofline)
             bar.advance(task)
-            if min(r["step_ms"] for r in rows[-len(ONEDNN) :]) > opts["stop_factor"] * FRAME_MS:
+            if min(r["step_ms"] for r in rows[-len(VARIANTS) :]) > opts["stop_factor"] * FRAME_MS:
                 stopped_after = b
                 break
     return {
@@ -454,28 +488,27 @@ def sweep_config(
         "macs_per_stream": asdict(Macs.of(cfg)),
         "rows": rows,
         "stopped_after_batch": stopped_after,
-        "summary": {
-            onednn_name(on): real_time_summary([r for r in rows if r["onednn"] == on]) for on in ONEDNN
-        },
+        "summary": {v.name: real_time_summary([r for r in rows if r["variant"] == v.name]) for v in VARIANTS},
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg()[0],
     }
 
 
 def print_sweep(result: dict[str, Any], roofline: dict[str, Any]) -> None:
-    gemm_at = {r["m"]: r["gflops"] for r in roofline["sgemm"] if "lstm hh" in r["name"]}
+    gemm_at = {(r["m"], r["prepacked"]): r["gflops"] for r in roofline["sgemm"] if "lstm hh" in r["name"]}
     table = make_table(
         f"2. {result['config']} ({result['parameters'] / 1e6:.1f} M params, blank bias "
         f"{result['blank_bias']:+.2f}): ms per Recognizer.step (greedy) vs bare model math; "
         f"batch-1 weight-streaming floor {result['batch1_bandwidth_floor_ms']:.1f} ms",
-        "B|oneDNN|step ms|p90 ms|math ms|overhead|tok/stream|≤60ms|capacity|"
+        "B|variant|step ms|p90 ms|math ms|overhead|tok/stream|≤60ms|capacity|"
         "GFLOP/step|GFLOP/s|roofline|sgemm@B",
     )
     for r in result["rows"]:
-        gemm = gemm_at.get(r["batch"])
+        first, last = r["variant"] == VARIANTS[0].name, r["variant"] == VARIANTS[-1].name
+        gemm = gemm_at.get((r["batch"], r["variant"] == "prepacked"))
         table.add_row(
-            str(r["batch"]) if r["onednn"] else "",
-            "on" if r["onednn"] else "off",
+            str(r["batch"]) if first else "",
+            r["variant"],
             f"{r['step_ms']:.2f}",
             f"{r['step_p90_ms']:.2f}",
             f"{r['model_math_ms']:.2f}",
@@ -486,8 +519,8 @@ def print_sweep(result: dict[str, Any], roofline: dict[str, Any]) -> None:
             f"{r['gflop_per_step']:.3f}",
             f"{r['gflops']:.1f}",
             f"{r['roofline_fraction']:.1%}",
-            f"{gemm:.0f}" if gemm and r["onednn"] else "",
-            end_section=not r["onednn"],
+            f"{gemm:.0f}" if gemm and r["variant"] != "onednn_off" else "",
+            end_section=last,
         )
     console.print(table)
     if result["stopped_after_batch"] is not None:
@@ -503,15 +536,16 @@ def print_sweep(result: dict[str, Any], roofline: dict[str, Any]) -> None:
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     table = make_table(
         f"3. real-time streams (median step ≤ {FRAME_MS} ms) on {torch.get_num_threads()} threads",
-        "config|oneDNN|max RTS|step ms|streams/core|B=1 streams|batching gain|GFLOP/s|roofline|best capacity",
+        "config|variant|max RTS|step ms|streams/core|B=1 streams|batching gain|GFLOP/s|roofline|"
+        "best capacity",
     )
     for r in results:
-        for on in ONEDNN:
-            v = r["summary"][onednn_name(on)]
+        for variant in VARIANTS:
+            v = r["summary"][variant.name]
             gain, frac, step = v["batching_gain"], v["roofline_fraction_at_max_rts"], v["step_ms_at_max_rts"]
             table.add_row(
-                r["config"] if on else "",
-                "on" if on else "off",
+                r["config"] if variant == VARIANTS[0] else "",
+                variant.name,
                 str(v["max_rts"]),
                 f"{step:.1f}" if step else "-",
                 f"{v['streams_per_core']:.1f}",
@@ -520,7 +554,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
                 f"{v['gflops_at_max_rts'] or 0:.1f}",
                 f"{frac:.1%}" if frac else "-",
                 f"{v['best_capacity_streams']:.1f}",
-                end_section=not on,
+                end_section=variant == VARIANTS[-1],
             )
     console.print(table)
     console.print(
@@ -531,18 +565,18 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     if base is None:
         return {}
     targets: dict[str, Any] = {}
-    for on in ONEDNN:
-        v = base["summary"][onednn_name(on)]
+    for variant in VARIANTS:
+        v = base["summary"][variant.name]
         for name, key, target in [
             ("batching_gain_base", "batching_gain", TARGET_BATCHING_GAIN),
             ("roofline_fraction_base", "roofline_fraction_at_max_rts", TARGET_ROOFLINE_FRACTION),
         ]:
             value = v[key]
             met = value is not None and value >= target
-            targets[f"{name}_{onednn_name(on)}"] = {"target": target, "value": value, "met": met}
+            targets[f"{name}_{variant.name}"] = {"target": target, "value": value, "met": met}
             shown = "n/a (no batch fits in 60 ms)" if value is None else f"{value:.3g}"
             verdict = "[green]MET[/]" if met else "[red]NOT MET[/]"
-            console.print(f"target {name} ≥ {target} (oneDNN {'on' if on else 'off'}): {shown} → {verdict}")
+            console.print(f"target {name} ≥ {target} ({variant.name}): {shown} → {verdict}")
     return targets
 
 
@@ -602,7 +636,7 @@ def int8_config(cfg: ModelConfig, model: RNNT, batches: list[int], opts: dict[st
     """fp32 vs int8 step times at a few batch sizes, then agreement on speech. Speech makes these
     random models emit far more than random features do, so the agreement runs on a copy whose
     blank bias is bisected again for the same emission rate on speech (fp32); int8 is made from it."""
-    quantized = quantize_int8(model)
+    quantized, prepacked = quantize_int8(model), prepack_for_cpu(copy.deepcopy(model))
     warmup, steps, seed, max_symbols = opts["warmup"], opts["steps"], opts["seed"], opts["max_symbols"]
     rows = []
     with progress() as bar:
@@ -613,6 +647,7 @@ def int8_config(cfg: ModelConfig, model: RNNT, batches: list[int], opts: dict[st
                 {
                     "fp32": (True, recognizer_stepper(model, b, max_symbols, features)),
                     "fp32 off": (False, recognizer_stepper(model, b, max_symbols, features)),
+                    "fp32 prepacked": (True, recognizer_stepper(prepacked, b, max_symbols, features)),
                     "int8": (True, recognizer_stepper(quantized, b, max_symbols, features)),
                 },
                 b,
@@ -620,17 +655,20 @@ def int8_config(cfg: ModelConfig, model: RNNT, batches: list[int], opts: dict[st
                 steps,
             )
             fp32, fp32_off, int8 = timings["fp32"], timings["fp32 off"], timings["int8"]
+            fp32_packed = timings["fp32 prepacked"]
             rows.append(
                 {
                     "batch": b,
                     "fp32_ms": fp32.median,
                     "fp32_onednn_off_ms": fp32_off.median,
+                    "fp32_prepacked_ms": fp32_packed.median,
                     "int8_ms": int8.median,
                     "fp32_p90_ms": fp32.p90,
                     "fp32_onednn_off_p90_ms": fp32_off.p90,
                     "int8_p90_ms": int8.p90,
                     "speedup": fp32.median / int8.median,
                     "speedup_vs_onednn_off": fp32_off.median / int8.median,
+                    "speedup_vs_prepacked": fp32_packed.median / int8.median,
                     "fp32_tokens_per_stream": fp32.emitted_per_stream,
                     "int8_tokens_per_stream": int8.emitted_per_stream,
                 }
@@ -650,10 +688,9 @@ def int8_config(cfg: ModelConfig, model: RNNT, batches: list[int], opts: dict[st
             speech_quantized = quantize_int8(speech_model)
             ref = decode_speech(speech_model, speech, max_symbols)
             hyp = decode_speech(speech_quantized, speech, max_symbols)
+            packed_hyp = decode_speech(prepack_for_cpu(copy.deepcopy(speech_model)), speech, max_symbols)
             enc_error, decision_agreement = frame_agreement(speech_model, speech_quantized, speech)
         bar.advance(task)
-    errors = sum(edit_distance(r, h) for r, h in zip(ref, hyp, strict=True))
-    longer = sum(max(len(r), len(h)) for r, h in zip(ref, hyp, strict=True))
     return {
         "config": cfg.name,
         "rows": rows,
@@ -662,19 +699,30 @@ def int8_config(cfg: ModelConfig, model: RNNT, batches: list[int], opts: dict[st
         "speech_blank_bias": speech_bias,
         "fp32_tokens": sum(map(len, ref)),
         "int8_tokens": sum(map(len, hyp)),
-        "token_edit_distance": errors,
-        "token_agreement": 1 - errors / longer if longer else None,
-        "identical_utterances": sum(r == h for r, h in zip(ref, hyp, strict=True)),
+        **token_agreement(ref, hyp),
+        "prepacked": token_agreement(ref, packed_hyp),
         "int8_max_rts": max((r["batch"] for r in rows if r["int8_ms"] <= FRAME_MS), default=0),
         "encoder_relative_error": enc_error,
         "first_decision_agreement": decision_agreement,
     }
 
 
+def token_agreement(ref: list[list[int]], hyp: list[list[int]]) -> dict[str, Any]:
+    """1 − Σ edit distance / Σ longer transcript's length, and the identical utterances."""
+    errors = sum(edit_distance(r, h) for r, h in zip(ref, hyp, strict=True))
+    longer = sum(max(len(r), len(h)) for r, h in zip(ref, hyp, strict=True))
+    return {
+        "token_edit_distance": errors,
+        "token_agreement": 1 - errors / longer if longer else None,
+        "identical_utterances": sum(r == h for r, h in zip(ref, hyp, strict=True)),
+    }
+
+
 def print_int8(results: list[dict[str, Any]]) -> None:
     table = make_table(
         "4. int8 dynamic quantization (LSTM + Linear) vs fp32: Recognizer.step ms; agreement on speech",
-        "config|B|fp32 ms|fp32 ms, oneDNN off|int8 ms|speed-up|speed-up vs off|token agreement|"
+        "config|B|fp32 ms|fp32 ms, oneDNN off|fp32 ms, prepacked|int8 ms|speed-up|speed-up vs off|"
+        "speed-up vs prepacked|token agreement|"
         "fp32/int8 tokens|identical utts|frame decisions|enc rel err",
     )
     for r in results:
@@ -693,15 +741,23 @@ def print_int8(results: list[dict[str, Any]]) -> None:
                 str(row["batch"]),
                 f"{row['fp32_ms']:.2f}",
                 f"{row['fp32_onednn_off_ms']:.2f}",
+                f"{row['fp32_prepacked_ms']:.2f}",
                 f"{row['int8_ms']:.2f}",
                 f"{row['speedup']:.2f}x",
                 f"{row['speedup_vs_onednn_off']:.2f}x",
+                f"{row['speedup_vs_prepacked']:.2f}x",
                 *(summary if first else []),
                 end_section=i == len(r["rows"]) - 1,
             )
     console.print(table)
     fitting = ", ".join(f"{r['config']} {r['int8_max_rts']}" for r in results)
     console.print(f"int8: largest measured B with a median step ≤ {FRAME_MS} ms: {fitting}")
+    packed = ", ".join(
+        f"{r['config']} {r['prepacked']['token_agreement'] or 0:.1%} "
+        f"({r['prepacked']['identical_utterances']}/{r['utterances']} identical)"
+        for r in results
+    )
+    console.print(f"prepacked fp32 vs plain fp32, token agreement on the same speech: {packed}")
     console.print(
         "token agreement = 1 − Σ edit distance / Σ longer transcript's length; greedy, same weights,\n"
         "blank bias bisected on speech; frame decisions = same first joint decision per frame (from the\n"

@@ -1,0 +1,151 @@
+"""Inference on CPU with prepacked weights: the same RNN-T, its matrix products ~1.3-1.8x faster.
+
+A plain `F.linear` on CPU repacks its weight matrix into the GEMM kernel's blocked layout on
+every call. At the small batches of a streaming step (a few to a few hundred rows against
+matrices of 1024 x 4096) that repacking costs as much as the product itself: base's LSTM GEMM
+at 64 rows reaches ~225 GFLOP/s plain and ~300 prepacked on this machine, against a 320 GFLOP/s
+square-sgemm peak (`bench/core_throughput.py` measures both). oneDNN can pack a weight once and
+then multiply any number of rows by it (`torch.ops.mkldnn._reorder_linear_weight` and
+`_linear_pointwise`, what `torch.compile` uses for frozen CPU linears), so `prepack_for_cpu`
+swaps every `nn.Linear` and `nn.LSTM` of a model for a module holding packed weights:
+
+- `PackedLinear`: one packed weight and its bias;
+- `PackedLSTM`: per layer, one packed weight [W_ih, W_hh] (both biases folded into one) applied
+  to [x_t, h] at each timestep, then the gate arithmetic in place; the gate rows are reordered to
+  i, f, o, g when packing so that one sigmoid covers three gates.
+
+Results equal the unpacked model's to float32 rounding (a different summation order; tests
+compare both). The packed model is for inference only: no gradients, no state_dict of the
+packed weights; train and export the plain model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+import torch
+from torch import Tensor, nn
+
+from gharial.asr.model import RNNT
+
+
+def can_prepack() -> bool:
+    """oneDNN is part of the CPU builds of torch this project pins; guard anyway."""
+    return torch.backends.mkldnn.is_available()
+
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # Linux; MADV_COLLAPSE since 6.1
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """A [out, in] float32 weight in oneDNN's blocked layout (valid for any number of rows; the
+    second argument is only a hint for choosing the layout), backed by huge pages where it can be."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), 64)
+    back_with_huge_pages(torch.ops.mkldnn.data_ptr(packed), torch.ops.mkldnn._nbytes(packed))
+    return packed
+
+
+def back_with_huge_pages(address: int, nbytes: int) -> bool:
+    """Ask Linux to move the whole 2 MiB pages inside [address, address + nbytes) to huge pages
+    now (MADV_COLLAPSE). A step streams every weight from memory once (base: 339 MB, more than
+    the caches hold), and with 4 KiB pages the TLB misses on the way cost ~3% of a base step at
+    64 streams (bench/core_throughput.py, session 10). Best effort: False where the system says no
+    (another OS, an older kernel, transparent huge pages off), and nothing else changes."""
+    libc = _libc()
+    start, end = -(-address // HUGE_PAGE) * HUGE_PAGE, (address + nbytes) // HUGE_PAGE * HUGE_PAGE
+    if libc is None or end <= start:
+        return False
+    libc.madvise(start, end - start, MADV_HUGEPAGE)
+    return libc.madvise(start, end - start, MADV_COLLAPSE) == 0
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux") or not (name := ctypes.util.find_library("c")):
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def packed_product(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = pack_weight(linear.weight)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return packed_product(x, self.packed, self.bias)
+
+
+def _gates_ifog(tensor: Tensor, hidden: int) -> Tensor:
+    """nn.LSTM's gate blocks i, f, g, o (along dim 0) reordered to i, f, o, g."""
+    i, f, g, o = tensor.detach().split(hidden)
+    return torch.cat([i, f, o, g])
+
+
+class PackedLSTM(nn.Module):
+    """A unidirectional, batch-first nn.LSTM without projections, for inference."""
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        super().__init__()
+        if lstm.bidirectional or lstm.proj_size or not lstm.batch_first:
+            raise ValueError("PackedLSTM supports unidirectional batch-first LSTMs without projections")
+        self.num_layers, self.hidden_size = lstm.num_layers, lstm.hidden_size
+        h = lstm.hidden_size
+        self.weights: list[Tensor] = []  # per layer [4H, in + H]: input and recurrent side by side
+        self.biases: list[Tensor] = []
+        for k in range(lstm.num_layers):
+            w_ih, w_hh = getattr(lstm, f"weight_ih_l{k}"), getattr(lstm, f"weight_hh_l{k}")
+            self.weights.append(pack_weight(torch.cat([_gates_ifog(w_ih, h), _gates_ifog(w_hh, h)], 1)))
+            bias = getattr(lstm, f"bias_ih_l{k}") + getattr(lstm, f"bias_hh_l{k}")
+            self.biases.append(_gates_ifog(bias, h).clone())
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, T, I], state (h, c) each [layers, B, H] → (y [B, T, H], (h, c)), as nn.LSTM."""
+        hs, cs = [], []
+        for k in range(self.num_layers):
+            x, h, c = self._layer(k, x, state[0][k], state[1][k])
+            hs.append(h)
+            cs.append(c)
+        return x, (torch.stack(hs), torch.stack(cs))
+
+    def _layer(self, k: int, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One product [x_t, h] · [W_ih, W_hh]ᵀ per timestep (a streaming step has 1-2 timesteps,
+        where one product with the longer rows beats two), then the gates in place."""
+        hidden = self.hidden_size
+        outputs = []
+        for t in range(x.shape[1]):
+            gates = packed_product(torch.cat([x[:, t], h], 1), self.weights[k], self.biases[k])
+            gates[:, : 3 * hidden].sigmoid_()
+            gates[:, 3 * hidden :].tanh_()
+            i, f, o, g = gates.split(hidden, 1)
+            c = torch.addcmul(f * c, i, g)
+            h = c.tanh().mul_(o)
+            outputs.append(h)
+        return torch.stack(outputs, 1), h, c
+
+
+def prepack_for_cpu(model: RNNT) -> RNNT:
+    """Swap every nn.Linear and nn.LSTM of `model` (in place) for its packed twin; returns the
+    model, in eval mode. Models on other devices or dtypes, or without oneDNN, are returned as
+    they are."""
+    params = list(model.parameters())
+    if not can_prepack() or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        return model.eval()
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.LSTM):
+                setattr(parent, name, PackedLSTM(child))
+            elif isinstance(child, nn.Linear):
+                setattr(parent, name, PackedLinear(child))
+    return model.eval()

@@ -1,0 +1,132 @@
+"""Prepacked CPU inference (gharial.asr.prepacked): the same numbers as the plain modules, the same
+tokens as the plain model on real speech, and only where it applies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from gharial.asr.checkpoint import HardwareCheckpoint
+from gharial.asr.decoding.greedy import GreedyDecoder
+from gharial.asr.features import FeatureExtractor
+from gharial.asr.model import RNNT
+from gharial.asr.pipeline import SpeechToText, bundled_checkpoint
+from gharial.asr.prepacked import HUGE_PAGE, PackedLinear, PackedLSTM, back_with_huge_pages, prepack_for_cpu
+from gharial.asr.streaming import Recognizer
+from gharial.audio import load_audio
+
+from .conftest import SPEECH_DEV, emitting_model, tone_utterance
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(0, 9),
+    steps=st.integers(1, 4),
+    layers=st.integers(1, 3),
+    inputs=st.sampled_from([3, 16, 40]),
+    hidden=st.sampled_from([1, 8, 24]),
+    seed=st.integers(0, 2**16),
+)
+@torch.inference_mode()
+def test_packed_lstm_equals_nn_lstm(
+    batch: int, steps: int, layers: int, inputs: int, hidden: int, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    lstm = nn.LSTM(inputs, hidden, layers, batch_first=True)
+    x = torch.randn(batch, steps, inputs)
+    state = (torch.randn(layers, batch, hidden), torch.randn(layers, batch, hidden))
+    y, (h, c) = lstm(x, state)
+    packed_y, (packed_h, packed_c) = PackedLSTM(lstm)(x, state)
+    for ours, theirs in [(packed_y, y), (packed_h, h), (packed_c, c)]:
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@torch.inference_mode()
+def test_packed_linear_equals_nn_linear_any_leading_shape_and_no_bias() -> None:
+    torch.manual_seed(0)
+    for linear in (nn.Linear(24, 40), nn.Linear(24, 40, bias=False)):
+        packed = PackedLinear(linear)
+        for x in (torch.randn(5, 24), torch.randn(2, 3, 24), torch.randn(0, 24), torch.randn(7, 48)[:, ::2]):
+            torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_lstm_refuses_what_it_does_not_implement() -> None:
+    for lstm in (
+        nn.LSTM(4, 8, bidirectional=True, batch_first=True),
+        nn.LSTM(4, 8, proj_size=2, batch_first=True),
+        nn.LSTM(4, 8),
+    ):
+        with pytest.raises(ValueError, match="unidirectional batch-first"):
+            PackedLSTM(lstm)
+
+
+def test_prepack_swaps_every_lstm_and_linear_and_keeps_the_rest() -> None:
+    model = prepack_for_cpu(emitting_model())
+    kinds = {type(m) for m in model.modules()}
+    assert nn.LSTM not in kinds and nn.Linear not in kinds
+    assert {PackedLSTM, PackedLinear, nn.Embedding} <= kinds
+    assert not model.training
+
+
+def test_prepack_leaves_models_it_cannot_pack_alone() -> None:
+    model = emitting_model().double()
+    assert prepack_for_cpu(model) is model
+    assert any(isinstance(m, nn.LSTM) for m in model.modules())
+
+
+@torch.inference_mode()
+def test_prepacked_model_streams_the_same_tokens_as_the_plain_one() -> None:
+    """Batched streaming steps over five streams of different tone sequences: token for token the
+    plain model's result."""
+    plain = emitting_model(acoustic_gain=400.0)
+    packed = prepack_for_cpu(copy.deepcopy(plain))
+    extractor = FeatureExtractor(plain.cfg.features)
+    utterances = [extractor(tone_utterance([k, (3 * k) % 11, (5 * k + 2) % 13, k + 1])) for k in range(5)]
+    frames = min(len(f) for f in utterances) // 2
+    features = torch.stack([f[: 2 * frames].reshape(frames, 2, -1) for f in utterances], 1)[:60]
+
+    def run(model: RNNT) -> list[list[int]]:
+        recognizer = Recognizer(model, GreedyDecoder(model))
+        streams = [recognizer.new_stream() for _ in utterances]
+        tokens: list[list[int]] = [[] for _ in streams]
+        for frame in features:
+            for k, result in enumerate(recognizer.step(frame, streams)):
+                tokens[k] += [t.id for t in result.final or []]
+        return [t + [x.id for x in recognizer.finish(s)] for t, s in zip(tokens, streams, strict=True)]
+
+    plain_tokens = run(plain)
+    assert sum(map(len, plain_tokens)) > 50 and len({tuple(t) for t in plain_tokens}) > 1  # meaningful
+    assert run(packed) == plain_tokens
+
+
+def test_bundled_model_on_real_speech_same_transcript_prepacked_or_not() -> None:
+    """What the servers run (SpeechToText prepacks) against the plain checkpoint model."""
+    wavs = sorted((SPEECH_DEV / "audio").glob("*.wav"))[:3]
+    if not wavs:
+        pytest.skip(f"speech-dev data not found at {SPEECH_DEV}")
+    checkpoint = HardwareCheckpoint.load(bundled_checkpoint())
+    stt = SpeechToText(checkpoint)
+    assert any(isinstance(m, PackedLSTM) for m in stt.model.modules())
+    plain = checkpoint.build_model().eval()
+    plain_recognizer = Recognizer(plain, GreedyDecoder(plain))
+    for wav in wavs:
+        audio = load_audio(wav, checkpoint.meta.config.features.sample_rate)
+        expected = [t.id for t in plain_recognizer.transcribe(stt.features(audio))]
+        assert expected
+        assert stt.transcribe(audio).tokens == expected
+
+
+def test_huge_page_backing_is_best_effort_and_keeps_the_data() -> None:
+    weights = torch.randn(3 * HUGE_PAGE // 4)
+    before = weights.clone()
+    assert back_with_huge_pages(weights.data_ptr(), 100) is False  # no whole 2 MiB page inside
+    assert isinstance(back_with_huge_pages(weights.data_ptr(), weights.numel() * 4), bool)
+    assert torch.equal(weights, before)
