@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gharial.asr.checkpoint import HardwareCheckpoint
+from gharial.asr.config import load_model_config
 from gharial.asr.decoding.greedy import GreedyDecoder
 from gharial.asr.features import FeatureExtractor
 from gharial.asr.model import RNNT
@@ -69,7 +70,7 @@ def test_packed_lstm_refuses_what_it_does_not_implement() -> None:
 
 
 def test_prepack_swaps_every_lstm_and_linear_and_keeps_the_rest() -> None:
-    model = prepack_for_cpu(emitting_model())
+    model = prepack_for_cpu(emitting_model(), min_weights=0)
     kinds = {type(m) for m in model.modules()}
     assert nn.LSTM not in kinds and nn.Linear not in kinds
     assert {PackedLSTM, PackedLinear, nn.Embedding} <= kinds
@@ -87,7 +88,7 @@ def test_prepacked_model_streams_the_same_tokens_as_the_plain_one() -> None:
     """Batched streaming steps over five streams of different tone sequences: token for token the
     plain model's result."""
     plain = emitting_model(acoustic_gain=400.0)
-    packed = prepack_for_cpu(copy.deepcopy(plain))
+    packed = prepack_for_cpu(copy.deepcopy(plain), min_weights=0)
     extractor = FeatureExtractor(plain.cfg.features)
     utterances = [extractor(tone_utterance([k, (3 * k) % 11, (5 * k + 2) % 13, k + 1])) for k in range(5)]
     frames = min(len(f) for f in utterances) // 2
@@ -107,21 +108,32 @@ def test_prepacked_model_streams_the_same_tokens_as_the_plain_one() -> None:
     assert run(packed) == plain_tokens
 
 
+def test_only_layers_large_enough_to_gain_are_packed() -> None:
+    """`base` packs its LSTMs and the joint's output layer; its small projections, and the whole
+    bundled en-small (every layer below PACK_MIN_WEIGHTS), stay plain."""
+    base = prepack_for_cpu(RNNT(load_model_config("base")))
+    assert isinstance(base.encoder.pre_rnn, PackedLSTM) and isinstance(base.encoder.post_rnn, PackedLSTM)
+    assert isinstance(base.joint.out, PackedLinear)  # 768 x 8704
+    assert isinstance(base.joint.enc_proj, nn.Linear)  # 1024 x 768 = 0.8 M
+    small = SpeechToText(HardwareCheckpoint.load(bundled_checkpoint())).model
+    assert not any(isinstance(m, PackedLSTM | PackedLinear) for m in small.modules())
+
+
 def test_bundled_model_on_real_speech_same_transcript_prepacked_or_not() -> None:
-    """What the servers run (SpeechToText prepacks) against the plain checkpoint model."""
+    """The bundled model with every layer packed against the plain checkpoint model."""
     wavs = sorted((SPEECH_DEV / "audio").glob("*.wav"))[:3]
     if not wavs:
         pytest.skip(f"speech-dev data not found at {SPEECH_DEV}")
     checkpoint = HardwareCheckpoint.load(bundled_checkpoint())
     stt = SpeechToText(checkpoint)
-    assert any(isinstance(m, PackedLSTM) for m in stt.model.modules())
-    plain = checkpoint.build_model().eval()
-    plain_recognizer = Recognizer(plain, GreedyDecoder(plain))
+    packed = prepack_for_cpu(checkpoint.build_model(), min_weights=0)
+    assert any(isinstance(m, PackedLSTM) for m in packed.modules())
+    packed_recognizer = Recognizer(packed, GreedyDecoder(packed))
     for wav in wavs:
         audio = load_audio(wav, checkpoint.meta.config.features.sample_rate)
-        expected = [t.id for t in plain_recognizer.transcribe(stt.features(audio))]
+        expected = stt.transcribe(audio).tokens
         assert expected
-        assert stt.transcribe(audio).tokens == expected
+        assert [t.id for t in packed_recognizer.transcribe(stt.features(audio))] == expected
 
 
 def test_huge_page_backing_is_best_effort_and_keeps_the_data() -> None:
