@@ -17,13 +17,20 @@ from gharial.asr.decoding.greedy import GreedyDecoder
 from gharial.asr.features import FeatureExtractor
 from gharial.asr.model import RNNT
 from gharial.asr.pipeline import SpeechToText, bundled_checkpoint
-from gharial.asr.prepacked import HUGE_PAGE, PackedLinear, PackedLSTM, back_with_huge_pages, prepack_for_cpu
+from gharial.asr.prepacked import (
+    HUGE_PAGE,
+    PackedLinear,
+    PackedLSTM,
+    back_with_huge_pages,
+    can_prepack,
+    prepack_for_cpu,
+)
 from gharial.asr.streaming import Recognizer
 from gharial.audio import load_audio
 
 from .conftest import SPEECH_DEV, emitting_model, tone_utterance
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+pytestmark = pytest.mark.skipif(not can_prepack(), reason="torch built without oneDNN")
 
 
 @settings(max_examples=12, deadline=None)

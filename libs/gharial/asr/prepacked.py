@@ -7,7 +7,7 @@ at 64 rows reaches ~225 GFLOP/s plain and ~300 prepacked on this machine, agains
 square-sgemm peak (`bench/core_throughput.py` measures both). oneDNN can pack a weight once and
 then multiply any number of rows by it (`torch.ops.mkldnn._reorder_linear_weight` and
 `_linear_pointwise`, what `torch.compile` uses for frozen CPU linears), so `prepack_for_cpu`
-swaps every `nn.Linear` and `nn.LSTM` of a model for a module holding packed weights:
+swaps a model's large `nn.Linear` and `nn.LSTM` layers for modules holding packed weights:
 
 - `PackedLinear`: one packed weight and its bias;
 - `PackedLSTM`: per layer, one packed weight [W_ih, W_hh] (both biases folded into one) applied
@@ -82,7 +82,6 @@ def packed_product(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
 class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = pack_weight(linear.weight)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
@@ -111,7 +110,7 @@ class PackedLSTM(nn.Module):
             w_ih, w_hh = getattr(lstm, f"weight_ih_l{k}"), getattr(lstm, f"weight_hh_l{k}")
             self.weights.append(pack_weight(torch.cat([_gates_ifog(w_ih, h), _gates_ifog(w_hh, h)], 1)))
             bias = getattr(lstm, f"bias_ih_l{k}") + getattr(lstm, f"bias_hh_l{k}")
-            self.biases.append(_gates_ifog(bias, h).clone())
+            self.biases.append(_gates_ifog(bias, h))
 
     def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x [B, T, I], state (h, c) each [layers, B, H] → (y [B, T, H], (h, c)), as nn.LSTM."""

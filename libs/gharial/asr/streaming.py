@@ -41,10 +41,10 @@ S = TypeVar("S")
 def fast_cpu_lstm() -> Iterator[None]:
     """oneDNN (mkldnn), torch's default CPU path for nn.LSTM, costs milliseconds per call at the
     small batches and 1-2 timesteps of a streaming step (base at batch 1: 35 ms a step with it,
-    17 ms without; same numbers to 1e-7; bench/core_throughput.py measures both). Models prepacked
-    for CPU inference (`gharial.asr.prepacked`, what SpeechToText runs) have no nn.LSTM left and
-    call oneDNN's products directly, whatever the flag. Only the enabled flag is touched: torch's
-    own flags() also resets TF32 and warns on every call."""
+    17 ms without; same numbers to 1e-7; bench/core_throughput.py measures both). LSTM layers
+    prepacked for CPU inference (`gharial.asr.prepacked`, which SpeechToText applies to large
+    layers) are no longer nn.LSTM and call oneDNN's products directly, whatever the flag. Only
+    the enabled flag is touched: torch's own flags() also resets TF32 and warns on every call."""
     previous = bool(torch.backends.mkldnn.enabled)
     torch.backends.mkldnn.set_flags(_enabled=False, _fp32_precision=None)
     try:
