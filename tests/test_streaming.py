@@ -142,6 +142,33 @@ def test_mixed_length_batch_equals_each_offline(
 
 
 @pytest.mark.parametrize("kind", ["greedy", "beam"])
+@SETTINGS
+@given(starts=st.lists(st.integers(0, 30), min_size=3, max_size=3), seed=st.integers(0, 2**16))
+def test_batch_order_and_membership_may_change_every_step(
+    setup: Setup, kind: str, starts: list[int], seed: int
+) -> None:
+    """As on a server: streams join late, and each step batches them in a new order (the batched
+    states of the last step are then reused by gathering, not concatenation; BatchCache)."""
+    recognizer = Recognizer(setup.model, make_decoder(kind, setup.model))
+    features = [setup.extractor(u) for u in setup.utterances]
+    streams = [recognizer.new_stream() for _ in features]
+    finals: list[list[Token]] = [[] for _ in features]
+    shuffle = torch.Generator().manual_seed(seed)
+    for step in range(max(s + len(f) // 2 for s, f in zip(starts, features, strict=True))):
+        live = [
+            i for i, (s, f) in enumerate(zip(starts, features, strict=True)) if s <= step < s + len(f) // 2
+        ]
+        live = [live[k] for k in torch.randperm(len(live), generator=shuffle).tolist()]
+        if not live:
+            continue
+        frames = torch.stack([features[i][2 * (step - starts[i]) : 2 * (step - starts[i]) + 2] for i in live])
+        for i, result in zip(live, recognizer.step(frames, [streams[i] for i in live]), strict=True):
+            finals[i] += result.final or []
+    for i, f in enumerate(features):
+        assert finals[i] + recognizer.finish(streams[i]) == recognizer.transcribe(f)
+
+
+@pytest.mark.parametrize("kind", ["greedy", "beam"])
 def test_state_resets_stream_equals_offline(setup: Setup, kind: str) -> None:
     config = StreamingConfig(sr_segment_s=0.9, sr_overlap_s=0.3)
     recognizer = Recognizer(setup.model, make_decoder(kind, setup.model), config)

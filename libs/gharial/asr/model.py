@@ -57,6 +57,10 @@ class EncoderState(NamedTuple):
     def cat(states: list[EncoderState]) -> EncoderState:
         return EncoderState(LSTMState.cat([s.pre for s in states]), LSTMState.cat([s.post for s in states]))
 
+    def select(self, rows: Tensor) -> EncoderState:
+        """The states of batch rows `rows` (a LongTensor of indices)."""
+        return EncoderState(self.pre.select(rows), self.post.select(rows))
+
     def split(self) -> list[EncoderState]:
         return [
             EncoderState(pre, post) for pre, post in zip(self.pre.split(), self.post.split(), strict=True)

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from gharial.asr.batch_cache import BatchCache
 from gharial.asr.config import FRAME_MS
 from gharial.asr.decoding.base import Decoder, Token
 from gharial.asr.model import RNNT, EncoderState
@@ -117,6 +118,9 @@ class Recognizer(Generic[S]):
         self.config = config or StreamingConfig()
         self.eos_token_id = eos_token_id
         self.frames_per_step = model.cfg.features_per_frame
+        self._encoder_states: BatchCache[EncoderState, EncoderState] = BatchCache(
+            EncoderState.cat, EncoderState.split, EncoderState.select
+        )
 
     def new_stream(self, **decoder_options: Any) -> Stream[S]:
         """A fresh stream; `decoder_options` go to the decoder's initial_state (e.g. keywords)."""
@@ -135,10 +139,13 @@ class Recognizer(Generic[S]):
         for stream in streams:
             self._apply_state_resets(stream)
         contexts = [c for s in streams for c in s.contexts()]
-        rows = torch.tensor([b for b, s in enumerate(streams) for _ in s.contexts()])
+        if len(contexts) > len(streams):  # shadow contexts run on their stream's features too
+            features = features[torch.tensor([b for b, s in enumerate(streams) for _ in s.contexts()])]
         with fast_cpu_lstm():
-            out, state = self.model.encoder(features[rows], EncoderState.cat([c.encoder for c in contexts]))
-        for context, own in zip(contexts, state.split(), strict=True):
+            out, state = self.model.encoder(
+                features, self._encoder_states.gather([c.encoder for c in contexts])
+            )
+        for context, own in zip(contexts, self._encoder_states.split(state), strict=True):
             context.encoder = own
         return self._decode(streams, contexts, self.model.joint.enc_proj(out[:, 0]))
 

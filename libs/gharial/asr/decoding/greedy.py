@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from gharial.asr.batch_cache import BatchCache
 from gharial.asr.decoding.base import Token, predict_projected, start_of_sequence
 from gharial.asr.model import RNNT, LSTMState
 
@@ -33,6 +34,13 @@ class GreedyDecoder:
         self.blank_id = model.blank_id
         self.max_symbols = max_symbols or model.cfg.max_symbols_per_step
         self._sos = start_of_sequence(model)
+        # a live server steps the same streams frame after frame: reuse their batched states
+        self._pred_states: BatchCache[LSTMState, LSTMState] = BatchCache(
+            LSTMState.cat, LSTMState.split, LSTMState.select
+        )
+        self._pred_projections: BatchCache[Tensor, Tensor] = BatchCache(
+            torch.stack, lambda batch: list(batch.unbind()), lambda batch, rows: batch[rows]
+        )
 
     def initial_state(self) -> GreedyState:
         projected, pred = self._sos
@@ -40,8 +48,8 @@ class GreedyDecoder:
 
     @torch.inference_mode()
     def advance(self, enc_projected: Tensor, states: Sequence[GreedyState], frames: Sequence[int]) -> None:
-        pred_projected = torch.stack([s.pred_projected for s in states])
-        pred = LSTMState.cat([s.pred for s in states])
+        pred_projected = self._pred_projections.gather([s.pred_projected for s in states])
+        pred = self._pred_states.gather([s.pred for s in states])
         active = torch.arange(len(states))
         for _ in range(self.max_symbols):
             logits = self.model.joint.combine(enc_projected[active], pred_projected[active])
@@ -55,7 +63,11 @@ class GreedyDecoder:
             projected, new_pred = predict_projected(self.model, best, pred.select(active))
             pred_projected[active] = projected
             pred = pred.put(active, new_pred)
-        for state, own, projected_row in zip(states, pred.split(), pred_projected, strict=True):
+        own_preds, own_projections = (
+            self._pred_states.split(pred),
+            self._pred_projections.split(pred_projected),
+        )
+        for state, own, projected_row in zip(states, own_preds, own_projections, strict=True):
             state.pred, state.pred_projected = own, projected_row
 
     def best(self, state: GreedyState) -> list[Token]:
