@@ -28,8 +28,12 @@ class BatchCache(Generic[Row, Batch]):
 
     Rows are matched by identity, so a row object that was replaced (a stream's new state after a
     reset) is concatenated as usual. The cache keeps the last batch and its rows alive, which
-    also keeps their ids unique. The pair is stored as one attribute, so that threads sharing a
-    decoder never see one step's batch with another step's rows."""
+    also keeps their ids unique. Batch, rows and their index are stored as one attribute, so that
+    threads sharing a decoder never see one step's batch with another step's rows.
+
+    A batch reused as it is may be written in place by the caller (the greedy decoder updates the
+    projections of emitting rows): that is safe because the rows handed out are views of it and
+    are replaced by the next `split` of the same batch."""
 
     def __init__(
         self,
@@ -47,7 +51,7 @@ class BatchCache(Generic[Row, Batch]):
             batch, cached_rows, index_of = last
             indices = [index_of.get(id(row), -1) for row in rows]
             if -1 not in indices:
-                if len(indices) == len(cached_rows) and indices == list(range(len(indices))):
+                if indices == list(range(len(cached_rows))):
                     return batch
                 return self._select(batch, torch.tensor(indices))
         return self._cat(list(rows))
