@@ -4,6 +4,8 @@ tokens as the plain model on real speech, and only where it applies."""
 from __future__ import annotations
 
 import copy
+import time
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from gharial.asr.prepacked import (
     PackedLSTM,
     back_with_huge_pages,
     can_prepack,
+    packing_pays,
     prepack_for_cpu,
 )
 from gharial.asr.streaming import Recognizer
@@ -115,15 +118,48 @@ def test_prepacked_model_streams_the_same_tokens_as_the_plain_one() -> None:
     assert run(packed) == plain_tokens
 
 
-def test_only_layers_large_enough_to_gain_are_packed() -> None:
-    """`base` packs its LSTMs and the joint's output layer; its small projections, and the whole
-    bundled en-small (every layer below PACK_MIN_WEIGHTS), stay plain."""
-    base = prepack_for_cpu(RNNT(load_model_config("base")))
+def test_large_layers_are_always_packed_and_small_ones_where_the_trial_says() -> None:
+    """`base` packs its LSTMs and the joint's output layer whatever the trial says; its small
+    projections, and the bundled en-small (every layer below PACK_MIN_WEIGHTS), follow the trial."""
+    base = prepack_for_cpu(RNNT(load_model_config("base")), pays=None)
     assert isinstance(base.encoder.pre_rnn, PackedLSTM) and isinstance(base.encoder.post_rnn, PackedLSTM)
     assert isinstance(base.joint.out, PackedLinear)  # 768 x 8704
     assert isinstance(base.joint.enc_proj, nn.Linear)  # 1024 x 768 = 0.8 M
-    small = SpeechToText(HardwareCheckpoint.load(bundled_checkpoint())).model
-    assert not any(isinstance(m, PackedLSTM | PackedLinear) for m in small.modules())
+    checkpoint = HardwareCheckpoint.load(bundled_checkpoint())
+    never = prepack_for_cpu(checkpoint.build_model(), pays=lambda plain, packed: False)
+    assert not any(isinstance(m, PackedLSTM | PackedLinear) for m in never.modules())
+    tried: list[type] = []
+    always = prepack_for_cpu(
+        checkpoint.build_model(), pays=lambda plain, packed: tried.append(type(plain)) or True
+    )
+    assert not any(isinstance(m, nn.LSTM | nn.Linear) for m in always.modules())
+    assert {nn.LSTM, nn.Linear} <= set(tried)
+
+
+class Slowed(nn.Module):
+    """A layer that sleeps before answering: far slower than any small product."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        time.sleep(0.003)
+        return self.inner(*args)
+
+
+class SlowLSTM(nn.LSTM):
+    def forward(self, *args: Any) -> Any:  # type: ignore[override]
+        time.sleep(0.003)
+        return super().forward(*args)
+
+
+def test_packing_pays_only_when_the_packed_layer_is_faster() -> None:
+    linear, lstm = nn.Linear(64, 48), nn.LSTM(24, 32, num_layers=2, batch_first=True)
+    assert not packing_pays(linear, Slowed(PackedLinear(linear)))
+    assert not packing_pays(lstm, Slowed(PackedLSTM(lstm)))
+    slow_lstm = SlowLSTM(24, 32, num_layers=2, batch_first=True)
+    assert packing_pays(slow_lstm, PackedLSTM(slow_lstm))
 
 
 def test_bundled_model_on_real_speech_same_transcript_prepacked_or_not() -> None:

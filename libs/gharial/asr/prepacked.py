@@ -14,8 +14,11 @@ swaps a model's large `nn.Linear` and `nn.LSTM` layers for modules holding packe
   to [x_t, h] at each timestep, then the gate arithmetic in place; the gate rows are reordered to
   i, f, o, g when packing so that one sigmoid covers three gates.
 
-Only layers with at least `PACK_MIN_WEIGHTS` weights in one matrix are packed: below that the
-few-row products are no faster packed (the bundled en-small model stays plain).
+Layers with at least `PACK_MIN_WEIGHTS` weights in one matrix are always packed. Below that,
+whether packing pays depends on the CPU: on the Intel Xeon of sessions 8-11 oneDNN's few-row
+products lost to MKL's and the bundled en-small was no faster packed; on the AMD EPYC of session
+12 the same model steps 15-40% faster with every layer packed. So each smaller layer is packed only
+where a short timing trial on this machine (`packing_pays`) finds its packed twin faster.
 
 Results equal the unpacked model's to float32 rounding (a different summation order; tests
 compare both). The packed model is for inference only: no gradients, no state_dict of the
@@ -27,12 +30,19 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from gharial.asr.model import RNNT
+from gharial.asr.streaming import fast_cpu_lstm
+from gharial.plumbing.logs import log_event
+
+log = logging.getLogger(__name__)
 
 
 def can_prepack() -> bool:
@@ -137,11 +147,15 @@ class PackedLSTM(nn.Module):
         return torch.stack(outputs, 1), h, c
 
 
-# Layers with fewer weights stay plain. Measured on 2 cores (session 10): an LSTM layer of hidden
-# 320 (the bundled en-small, <= 1.2 M weights a layer) is no faster packed at 32-128 rows and
-# 10-40% slower at 1-8, because oneDNN's few-row kernels lose to MKL's; at hidden 512 (3.1 M
-# weights) packing is 1.2-1.7x faster from 8 rows on, at 1024 1.2-2.2x.
+# Layers with at least this many weights in one matrix are packed on every CPU measured (base's
+# LSTMs and joint output: 1.2-2.2x faster from 8 rows on, on the Xeon and the EPYC alike).
 PACK_MIN_WEIGHTS = 2**21
+
+TRIAL_ROWS = 32  # a mid-sized streaming batch
+TRIAL_REPEATS = 15
+TRIAL_MARGIN = 1.1  # packed must be this much faster: a tie keeps the plain layer
+
+PackingTrial = Callable[[nn.LSTM | nn.Linear, nn.Module], bool]
 
 
 def packed_weights(module: nn.Module) -> int:
@@ -155,19 +169,52 @@ def packed_weights(module: nn.Module) -> int:
     return module.weight.numel() if isinstance(module, nn.Linear) else 0
 
 
-def prepack_for_cpu(model: RNNT, min_weights: int = PACK_MIN_WEIGHTS) -> RNNT:
-    """Swap every nn.Linear and nn.LSTM of `model` with at least `min_weights` weights in one
-    matrix (in place) for its packed twin; returns the model, in eval mode. Models on other
-    devices or dtypes, or without oneDNN, are returned as they are."""
+@torch.inference_mode()
+def packing_pays(plain: nn.LSTM | nn.Linear, packed: nn.Module, rows: int = TRIAL_ROWS) -> bool:
+    """Whether `packed` runs one streaming timestep of `rows` rows at least TRIAL_MARGIN times
+    faster than `plain` (an nn.LSTM or nn.Linear) on this CPU with torch's current threads: the best
+    of TRIAL_REPEATS interleaved calls each, plain LSTMs with oneDNN off as `Recognizer.step` runs
+    them. Either answer gives the same numbers to float rounding; only the speed is at stake."""
+    if isinstance(plain, nn.LSTM):
+        x = torch.randn(rows, 1, plain.input_size)
+        state = (torch.zeros(plain.num_layers, rows, plain.hidden_size),) * 2
+        calls = [lambda: plain(x, state), lambda: packed(x, state)]
+    else:
+        x = torch.randn(rows, plain.in_features)
+        calls = [lambda: plain(x), lambda: packed(x)]
+    best = [float("inf")] * 2
+    with fast_cpu_lstm():
+        for _ in range(TRIAL_REPEATS + 1):  # the first round warms up and counts like the rest
+            for k, call in enumerate(calls):
+                begin = time.perf_counter()
+                call()
+                best[k] = min(best[k], time.perf_counter() - begin)
+    return best[1] * TRIAL_MARGIN < best[0]
+
+
+def prepack_for_cpu(
+    model: RNNT, min_weights: int = PACK_MIN_WEIGHTS, pays: PackingTrial | None = packing_pays
+) -> RNNT:
+    """Swap `model`'s nn.Linear and nn.LSTM layers (in place) for their packed twins: every layer
+    with at least `min_weights` weights in one matrix, and each smaller one where `pays(plain,
+    packed)` says packing is faster here (None: smaller layers stay plain). Returns the model, in
+    eval mode. Models on other devices or dtypes, or without oneDNN, are returned as they are."""
     params = list(model.parameters())
     if not can_prepack() or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         return model.eval()
+    packed_by_size = packed_by_trial = kept = 0
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            if packed_weights(child) < min_weights:
+            if not isinstance(child, nn.LSTM | nn.Linear):
                 continue
-            if isinstance(child, nn.LSTM):
-                setattr(parent, name, PackedLSTM(child))
-            elif isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child))
+            packed = PackedLSTM(child) if isinstance(child, nn.LSTM) else PackedLinear(child)
+            if packed_weights(child) >= min_weights:
+                packed_by_size += 1
+            elif pays is not None and pays(child, packed):
+                packed_by_trial += 1
+            else:
+                kept += 1
+                continue
+            setattr(parent, name, packed)
+    log_event(log, "prepacked", packed_by_size=packed_by_size, packed_by_trial=packed_by_trial, plain=kept)
     return model.eval()

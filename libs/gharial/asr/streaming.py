@@ -44,8 +44,9 @@ def fast_cpu_lstm() -> Iterator[None]:
     small batches and 1-2 timesteps of a streaming step (base at batch 1: 35 ms a step with it,
     17 ms without; same numbers to 1e-7; bench/core_throughput.py measures both). LSTM layers
     prepacked for CPU inference (`gharial.asr.prepacked`, which SpeechToText applies to large
-    layers) are no longer nn.LSTM and call oneDNN's products directly, whatever the flag. Only
-    the enabled flag is touched: torch's own flags() also resets TF32 and warns on every call."""
+    layers, and to small ones where that is faster on the machine) are no longer nn.LSTM and call
+    oneDNN's products directly, whatever the flag. Only the enabled flag is touched: torch's own
+    flags() also resets TF32 and warns on every call."""
     previous = bool(torch.backends.mkldnn.enabled)
     torch.backends.mkldnn.set_flags(_enabled=False, _fp32_precision=None)
     try:
