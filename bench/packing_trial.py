@@ -12,23 +12,21 @@ Prints a table; writes bench/results/packing_trial.json.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 import typer
+from core_throughput import random_features, recognizer_stepper, time_steppers
 from machine import machine_info
 from rich.console import Console
 from rich.table import Table
 
 from gharial.asr.checkpoint import HardwareCheckpoint
-from gharial.asr.decoding.greedy import GreedyDecoder
 from gharial.asr.model import RNNT
 from gharial.asr.pipeline import bundled_checkpoint
 from gharial.asr.prepacked import PackedLinear, PackedLSTM, prepack_for_cpu
-from gharial.asr.streaming import Recognizer
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "packing_trial.json"
 THREADS = [1, 2]  # the cpu backend's transcriber steps on 1 thread by default
@@ -41,22 +39,11 @@ def packed_layers(model: RNNT) -> list[str]:
 
 
 def time_steps(models: dict[str, RNNT], batch: int, steps: int, warmup: int, seed: int) -> dict[str, float]:
-    """Median ms per `Recognizer.step` over `batch` fresh greedy streams, for each model in turn."""
-    cfg = next(iter(models.values())).cfg
-    generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(
-        warmup + steps, batch, cfg.features_per_frame, cfg.features.feature_dim, generator=generator
-    )
-    recognizers = {key: Recognizer(m, GreedyDecoder(m, 2)) for key, m in models.items()}
-    streams = {key: [r.new_stream() for _ in range(batch)] for key, r in recognizers.items()}
-    times: dict[str, list[float]] = {key: [] for key in models}
-    for i in range(warmup + steps):
-        for key, recognizer in recognizers.items():
-            begin = time.perf_counter()
-            recognizer.step(features[i], streams[key])
-            if i >= warmup:
-                times[key].append((time.perf_counter() - begin) * 1000)
-    return {key: statistics.median(t) for key, t in times.items()}
+    """Median ms per `Recognizer.step` over `batch` fresh greedy streams, for each model in turn:
+    core_throughput's steppers and interleaved schedule, on the same random features."""
+    features = random_features(next(iter(models.values())), warmup + steps, batch, seed)
+    steppers = {key: (True, recognizer_stepper(m, batch, 2, features)) for key, m in models.items()}
+    return {key: t.median for key, t in time_steppers(steppers, batch, warmup, steps).items()}
 
 
 def main(

@@ -192,6 +192,10 @@ def packing_pays(plain: nn.LSTM | nn.Linear, packed: nn.Module, rows: int = TRIA
     return best[1] * TRIAL_MARGIN < best[0]
 
 
+def packed_twin(layer: nn.LSTM | nn.Linear) -> nn.Module:
+    return PackedLSTM(layer) if isinstance(layer, nn.LSTM) else PackedLinear(layer)
+
+
 def prepack_for_cpu(
     model: RNNT, min_weights: int = PACK_MIN_WEIGHTS, pays: PackingTrial | None = packing_pays
 ) -> RNNT:
@@ -207,14 +211,13 @@ def prepack_for_cpu(
         for name, child in parent.named_children():
             if not isinstance(child, nn.LSTM | nn.Linear):
                 continue
-            packed = PackedLSTM(child) if isinstance(child, nn.LSTM) else PackedLinear(child)
             if packed_weights(child) >= min_weights:
                 packed_by_size += 1
-            elif pays is not None and pays(child, packed):
+                setattr(parent, name, packed_twin(child))
+            elif pays is not None and pays(child, packed := packed_twin(child)):
                 packed_by_trial += 1
+                setattr(parent, name, packed)
             else:
                 kept += 1
-                continue
-            setattr(parent, name, packed)
     log_event(log, "prepacked", packed_by_size=packed_by_size, packed_by_trial=packed_by_trial, plain=kept)
     return model.eval()
