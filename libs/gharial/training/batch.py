@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gharial.asr.features import FeatureExtractor
@@ -20,6 +21,7 @@ from gharial.asr.tokenizer import Tokenizer
 from gharial.audio import load_audio
 from gharial.data.augment import change_speed, coloured_noise, mix_at_snr, narrowband, snr_range, spec_augment
 from gharial.data.manifest import Utterance
+from gharial.data.teacher import TeacherStore
 from gharial.training.config import AugmentConfig
 
 BACKGROUND_FINAL_SNR = (0.0, 30.0)  # dB, the documented final ranges
@@ -33,7 +35,8 @@ CHARACTER_BLANK = len(CHARSET)  # the character CTC head's blank, after CHARSET'
 class Batch:
     """features [B, T, F] (T a multiple of 2), feature_lengths [B], targets [B, U] (token ids),
     target_lengths [B], characters [B, C] (CHARSET indices: the character CTC head's targets),
-    character_lengths [B]."""
+    character_lengths [B], teacher [B, T / stack_time, D]: the distillation targets, one per
+    encoder frame (None without a teacher store)."""
 
     features: Tensor
     feature_lengths: Tensor
@@ -42,12 +45,13 @@ class Batch:
     characters: Tensor
     character_lengths: Tensor
     audio_seconds: float
+    teacher: Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
             self.features.to(device), self.feature_lengths.to(device), self.targets.to(device),
             self.target_lengths.to(device), self.characters.to(device), self.character_lengths.to(device),
-            self.audio_seconds,
+            self.audio_seconds, None if self.teacher is None else self.teacher.to(device),
         )  # fmt: skip
 
 
@@ -58,11 +62,16 @@ class BatchMaker:
         tokenizer: Tokenizer,
         augment: AugmentConfig,
         noise_files: list[Path] | None = None,
+        teacher: TeacherStore | None = None,
+        teacher_stride: int = 1,
     ) -> None:
+        """teacher: distillation targets, resampled to one per `teacher_stride` feature frames."""
         self.extractor = extractor
         self.tokenizer = tokenizer
         self.augment = augment
         self.noise_files = noise_files or []
+        self.teacher = teacher
+        self.teacher_stride = teacher_stride
         self.sample_rate = extractor.cfg.sample_rate
 
     def __call__(self, utterances: list[Utterance], step: int, seed: int, train: bool = True) -> Batch:
@@ -94,7 +103,19 @@ class BatchMaker:
             characters=_pad(characters),
             character_lengths=torch.tensor([len(c) for c in characters]),
             audio_seconds=sum(len(a) for a in audios) / self.sample_rate,
+            teacher=None if self.teacher is None else self.teacher_frames(utterances, features),
         )
+
+    def teacher_frames(self, utterances: list[Utterance], features: list[Tensor]) -> Tensor:
+        """Each utterance's teacher frames stretched linearly to its encoder frames: speed
+        perturbation changed the audio's length, not what was said when."""
+        assert self.teacher is not None
+        out = []
+        for utt, f in zip(utterances, features, strict=True):
+            frames = self.teacher.frames(utt.id)  # [n, D]
+            n = -(-len(f) // self.teacher_stride)
+            out.append(F.interpolate(frames.T[None], size=n, mode="linear", align_corners=False)[0].T)
+        return torch.nn.utils.rnn.pad_sequence(out, batch_first=True)
 
     def encode(self, transcript: str, rng: random.Random | None) -> list[int]:
         """Token ids; with `rng`, a fraction `token_sampling` of transcripts is tokenized by sampling

@@ -29,6 +29,10 @@ class DataConfig(_Strict):
     tokenizer: Path = Field(description="sentencepiece model (gharial data tokenizer)")
     mel_stats: Path = Field(description="per-mel mean/variance JSON (gharial data mel-stats)")
     noise_dir: Path | None = Field(None, description="folder of non-speech noise audio for background noise")
+    teacher_targets: Path | None = Field(
+        None,
+        description="teacher store (gharial data teacher) of every training utterance, for distill_weight",
+    )
 
 
 class OptimConfig(_Strict):
@@ -108,6 +112,18 @@ class TrainConfig(_Strict):
         description="first steps train only the encoder and CTC heads, on the CTC losses: the "
         "encoder learns acoustics before the prediction network can learn the transcripts by heart",
     )
+    distill_weight: float = Field(
+        0.0,
+        ge=0,
+        description="distillation: a linear head on the encoder output regresses the teacher's frames "
+        "(data.teacher_targets; loss 1 − cosine per frame, summed), a dense acoustic target",
+    )
+    distill_delay_frames: int = Field(
+        2,
+        ge=0,
+        description="encoder frame t + delay predicts teacher frame t: the teacher saw the whole "
+        "utterance, our streaming encoder only the past",
+    )
     seed: int = 1
     save_every: int = Field(250, gt=0, description="steps between checkpoints (last 3 kept, best kept)")
     val_every: int = Field(1000, gt=0)
@@ -143,6 +159,12 @@ class TrainConfig(_Strict):
     def _warmup_has_a_ctc_loss(self) -> TrainConfig:
         if self.ctc_warmup_steps and not (self.ctc_weight or self.character_ctc_weight):
             raise ValueError("ctc_warmup_steps needs ctc_weight or character_ctc_weight above 0")
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_has_targets(self) -> TrainConfig:
+        if self.distill_weight and self.data.teacher_targets is None:
+            raise ValueError("distill_weight needs data.teacher_targets (gharial data teacher)")
         return self
 
     @property
@@ -195,7 +217,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         for key in ("train_manifests", "val_manifests"):
             if isinstance(data.get(key), list):
                 data[key] = [str(base / p) for p in data[key]]
-        for key in ("tokenizer", "mel_stats", "noise_dir"):
+        for key in ("tokenizer", "mel_stats", "noise_dir", "teacher_targets"):
             if isinstance(data.get(key), str):
                 data[key] = str(base / data[key])
     model = raw.get("model")

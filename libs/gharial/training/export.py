@@ -13,7 +13,7 @@ from gharial.training.trainer import TrainingModel
 def export_checkpoint(ckpt: TrainingCheckpoint, ngram_lm: Path | None = None) -> HardwareCheckpoint:
     model = TrainingModel(ckpt.meta.config.architecture())
     try:
-        model.load_state_dict(ckpt.ema)
+        model.load_weights(ckpt.ema)
     except RuntimeError as err:  # shapes or names that do not match the checkpoint's own config
         raise TrainingCheckpointError(f"EMA weights do not fit the model config: {err}") from err
     lm_bytes = None

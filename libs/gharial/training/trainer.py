@@ -40,6 +40,7 @@ from gharial.asr.text import CHARSET, normalize_transcript
 from gharial.asr.tokenizer import Tokenizer
 from gharial.data.manifest import ManifestError, Utterance, require_audio_files
 from gharial.data.readers import read_utterances
+from gharial.data.teacher import TeacherStore
 from gharial.training.batch import CHARACTER_BLANK, Batch, BatchMaker
 from gharial.training.batches import batch_at
 from gharial.training.checkpoint import TrainingCheckpoint, TrainingCheckpointMeta
@@ -56,17 +57,30 @@ BUDGET_FIT_AFTER = (30, 200, 1000)
 BUDGET_RESERVE = 0.05  # of the budget kept free for the last checkpoint and slower steps later
 NOISE_SUFFIXES = (".wav", ".flac", ".ogg")
 GRAD_NOISE_DECAY = 0.55
+DISTILL_HEAD = "distill_head."
 
 
 class TrainingModel(nn.Module):
-    """The RNN-T plus the auxiliary CTC heads used only in training (never exported): over the
-    tokenizer's pieces on the encoder output, and over CHARSET on the pre-RNN output."""
+    """The RNN-T plus the heads used only in training (never exported): CTC over the tokenizer's
+    pieces on the encoder output, CTC over CHARSET on the pre-RNN output, and, when distilling,
+    a linear map from the encoder output to the teacher's frames."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, teacher_dim: int | None = None) -> None:
         super().__init__()
         self.rnnt = RNNT(cfg)
         self.ctc_head = nn.Linear(cfg.encoder.hidden, cfg.vocab_size + 1)
         self.character_ctc_head = nn.Linear(cfg.encoder.hidden, len(CHARSET) + 1)
+        self.distill_head = None if teacher_dim is None else nn.Linear(cfg.encoder.hidden, teacher_dim)
+
+    def load_weights(self, state: dict[str, Tensor]) -> None:
+        """Load a training checkpoint's weights; the distillation head is optional on both sides
+        (a run with a teacher may start from one without, and an export never needs it)."""
+        if self.distill_head is None:
+            state = {k: v for k, v in state.items() if not k.startswith(DISTILL_HEAD)}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(DISTILL_HEAD)]
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing}, unexpected keys {unexpected}")
 
 
 def load_training_data(cfg: TrainConfig) -> list[Utterance]:
@@ -82,6 +96,16 @@ def load_training_data(cfg: TrainConfig) -> list[Utterance]:
     if not utterances:
         raise ManifestError("no training utterances (check train_manifests and max_duration_s)")
     return utterances
+
+
+def require_teacher_frames(teacher: TeacherStore, utterances: list[Utterance]) -> None:
+    """Distillation needs every training utterance in the teacher store: say which are missing."""
+    missing = [u.id for u in utterances if u.id not in teacher.index.utterances]
+    if missing:
+        raise ValueError(
+            f"{teacher.folder}: no teacher frames for {len(missing)} training utterances "
+            f"(e.g. {missing[0]!r}); rebuild it with `gharial data teacher` over every train manifest"
+        )
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -123,12 +147,16 @@ class Trainer:
         noise = sorted(
             p for p in (cfg.data.noise_dir or Path("/nonexistent")).rglob("*") if p.suffix in NOISE_SUFFIXES
         )
+        teacher = None if cfg.data.teacher_targets is None else TeacherStore(cfg.data.teacher_targets)
+        if teacher is not None:
+            require_teacher_frames(teacher, self.utterances)
         self.make_batch = BatchMaker(
-            FeatureExtractor(self.model_cfg.features, self.mel_stats), self.tokenizer, cfg.augment, noise
-        )
+            FeatureExtractor(self.model_cfg.features, self.mel_stats), self.tokenizer, cfg.augment, noise,
+            teacher, self.model_cfg.encoder.stack_time,
+        )  # fmt: skip
 
         self.device = resolve_device(cfg)
-        self.model = TrainingModel(self.model_cfg).to(self.device)
+        self.model = TrainingModel(self.model_cfg, None if teacher is None else teacher.dim).to(self.device)
         self.ema = EMA(self.model, cfg.optim.ema)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -195,7 +223,7 @@ class Trainer:
         hardware checkpoint (`.hwckpt`, e.g. the bundled model), whose RNN-T must match this run's
         model config and tokenizer; the CTC heads then start fresh, as an exported model has none."""
         if path.suffix != ".hwckpt":
-            self.model.load_state_dict(TrainingCheckpoint.load(path).ema)
+            self.model.load_weights(TrainingCheckpoint.load(path).ema)
             return
         exported = HardwareCheckpoint.load(path)
         if exported.config != self.model_cfg:
@@ -233,6 +261,7 @@ class Trainer:
         enc_lengths = torch.div(batch.feature_lengths + stack - 1, stack, rounding_mode="floor")
         if self.step < cfg.ctc_warmup_steps:
             ctc = self.token_ctc_loss(enc, enc_lengths, batch) + self.character_ctc_loss(below, batch)
+            ctc = ctc + self.distill_loss(enc, enc_lengths, batch)
             (ctc / cfg.global_batch_size).backward()
             return ctc.detach(), final_state
         sos = batch.targets.new_full((batch.targets.shape[0], 1), rnnt.blank_id)
@@ -251,6 +280,7 @@ class Trainer:
             (part / cfg.global_batch_size).backward()
             total += part.detach()
         token_ctc = self.token_ctc_loss(enc_leaf, enc_lengths, batch)
+        token_ctc = token_ctc + self.distill_loss(enc_leaf, enc_lengths, batch)
         if token_ctc.requires_grad:
             (token_ctc / cfg.global_batch_size).backward()  # into enc_leaf.grad, pushed on below
         character_ctc = self.character_ctc_loss(below, batch)  # reads the pre-RNN: joins that pass
@@ -269,6 +299,19 @@ class Trainer:
         logits = self.model.ctc_head(enc)
         loss = _ctc(logits, enc_lengths, batch.targets, batch.target_lengths, self.model.rnnt.blank_id)
         return self.cfg.ctc_weight * loss
+
+    def distill_loss(self, enc: Tensor, enc_lengths: Tensor, batch: Batch) -> Tensor:
+        """distill_weight × Σ over valid frames of (1 − cosine) between the distillation head's
+        output at encoder frame t + delay and the teacher's frame t (a constant 0 without it)."""
+        head, delay = self.model.distill_head, self.cfg.distill_delay_frames
+        if not self.cfg.distill_weight or head is None or batch.teacher is None:
+            return enc.new_zeros(())
+        predicted = head(enc[:, delay:])
+        target = batch.teacher[:, : predicted.shape[1]]
+        frames = torch.arange(target.shape[1], device=enc.device)
+        valid = frames[None, :] < (enc_lengths - delay)[:, None]
+        distance = 1 - F.cosine_similarity(predicted[:, : target.shape[1]].float(), target, dim=-1)
+        return self.cfg.distill_weight * (distance * valid).sum()
 
     def character_ctc_loss(self, below: Tensor, batch: Batch) -> Tensor:
         """character_ctc_weight × the summed CTC loss over CHARSET on the pre-RNN output below
