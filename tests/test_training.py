@@ -1135,6 +1135,8 @@ def test_distillation_adds_weighted_cosine_loss_and_trains_its_head(
     head = trainer.model.distill_head.weight.detach().clone()
     trainer.train(steps=2)
     assert not torch.equal(head, trainer.model.distill_head.weight)
+    logged = [json.loads(line) for line in (trainer.run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 < r["distill_loss"] < r["loss"] for r in logged if r["event"] == "step")
     # the head is training-only: the export loads without it and holds the same RNN-T
     exported = export_checkpoint(TrainingCheckpoint.load(trainer.ckpt_dir / "step_0000002.pt"))
     ema_rnnt = trainer.ema.model.rnnt.state_dict()

@@ -168,6 +168,7 @@ class Trainer:
         self.audio_seconds_seen = 0.0
         self.best_wer: float | None = None
         self.rsp_history: list[EncoderState] = []
+        self.distill_sum = 0.0  # of this step's distillation losses: logged apart from the total
         self.prefetcher: BatchPrefetcher | None = None
         self._resume_or_fine_tune()
         if cfg.freeze_encoder:
@@ -311,7 +312,9 @@ class Trainer:
         frames = torch.arange(target.shape[1], device=enc.device)
         valid = frames[None, :] < (enc_lengths - delay)[:, None]
         distance = 1 - F.cosine_similarity(predicted[:, : target.shape[1]].float(), target, dim=-1)
-        return self.cfg.distill_weight * (distance * valid).sum()
+        loss = self.cfg.distill_weight * (distance * valid).sum()
+        self.distill_sum += float(loss.detach())
+        return loss
 
     def character_ctc_loss(self, below: Tensor, batch: Batch) -> Tensor:
         """character_ctc_weight × the summed CTC loss over CHARSET on the pre-RNN output below
@@ -357,6 +360,7 @@ class Trainer:
             group["lr"] = lr
         rng = random.Random(f"{cfg.seed}/step/{self.step}")
         loss_sum, seconds, utterances = 0.0, 0.0, 0
+        self.distill_sum = 0.0
         self.model.train()
         for micro in range(cfg.grad_accumulation_batches):
             batch = self.micro_batch(self.step * cfg.grad_accumulation_batches + micro)
@@ -374,7 +378,10 @@ class Trainer:
         self.ema.update(self.model, self.step)
         self.step += 1
         self.audio_seconds_seen += seconds
-        return {"loss": loss_sum / utterances, "lr": lr, "grad_norm": grad_norm, "audio_seconds": seconds}
+        stats = {"loss": loss_sum / utterances, "lr": lr, "grad_norm": grad_norm, "audio_seconds": seconds}
+        if cfg.distill_weight:
+            stats["distill_loss"] = self.distill_sum / utterances  # included in "loss"
+        return stats
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.cfg.precision == "bf16":
