@@ -51,7 +51,7 @@ from gharial.data.augment import change_speed, mix_at_snr, narrowband, snr_range
 from gharial.data.manifest import Utterance, write_json_manifest
 from gharial.data.pack import pack_corpus
 from gharial.data.readers import read_utterances
-from gharial.data.teacher import TeacherStore, WhisperEncoder, build_teacher_store, pool_frames
+from gharial.data.teacher import TeacherIndex, TeacherStore, WhisperEncoder, build_teacher_store, pool_frames
 from gharial.training.batch import BABBLE_FINAL_SNR, BACKGROUND_FINAL_SNR, Batch, BatchMaker
 from gharial.training.batches import BUCKET_BATCHES, batch_at, epoch_batches
 from gharial.training.checkpoint import TrainingCheckpoint, TrainingCheckpointMeta
@@ -1153,6 +1153,22 @@ def test_distillation_needs_a_store_holding_every_training_utterance(
     build_teacher_store(read_utterances(corpus / "train.json")[:3], partial, 60, RampTeacher())
     with pytest.raises(ValueError, match="no teacher frames for 5 training utterances"):
         Trainer(distilling_config(corpus, partial), tmp_path / "run")
+    # a store of the same ids over other audio (here: 17 frames, 1 s, longer each) is stale
+    stale = tmp_path / "stale"
+    build_teacher_store(read_utterances(corpus / "train.json"), stale, 60, RampTeacher())
+    index = TeacherIndex.model_validate_json((stale / "index.json").read_text())
+    index.utterances = {k: (first, n + 17) for k, (first, n) in index.utterances.items()}
+    (stale / "index.json").write_text(index.model_dump_json())
+    with pytest.raises(ValueError, match="the store is stale"):
+        Trainer(distilling_config(corpus, stale), tmp_path / "stale-run")
+
+
+def test_a_missing_audio_file_stops_the_teacher_store_naming_it(corpus: Path, tmp_path: Path) -> None:
+    utt = read_utterances(corpus / "train.json")[0]
+    gone = utt.model_copy(update={"id": "gone", "audio": tmp_path / "gone.flac"})
+    with pytest.raises(ValueError, match=f"utterance gone: audio file {tmp_path / 'gone.flac'} not found"):
+        build_teacher_store([utt, gone], tmp_path / "store", 60, RampTeacher())
+    assert not (tmp_path / "store" / "index.json").exists(), "no half-written store"
 
 
 def test_whisper_teacher_encodes_real_speech_at_20_ms() -> None:

@@ -58,6 +58,7 @@ BUDGET_RESERVE = 0.05  # of the budget kept free for the last checkpoint and slo
 NOISE_SUFFIXES = (".wav", ".flac", ".ogg")
 GRAD_NOISE_DECAY = 0.55
 DISTILL_HEAD = "distill_head."
+TEACHER_FRAME_SLACK = 2  # frames a store's utterance may differ from its duration (rounding, padding)
 
 
 class TrainingModel(nn.Module):
@@ -99,13 +100,23 @@ def load_training_data(cfg: TrainConfig) -> list[Utterance]:
 
 
 def require_teacher_frames(teacher: TeacherStore, utterances: list[Utterance]) -> None:
-    """Distillation needs every training utterance in the teacher store: say which are missing."""
+    """Distillation needs every training utterance in the teacher store, with as many frames as its
+    audio lasts (a store left from an earlier corpus of the same ids would silently misalign)."""
+    rebuild = "rebuild it with `gharial data teacher` over every train manifest"
     missing = [u.id for u in utterances if u.id not in teacher.index.utterances]
     if missing:
         raise ValueError(
             f"{teacher.folder}: no teacher frames for {len(missing)} training utterances "
-            f"(e.g. {missing[0]!r}); rebuild it with `gharial data teacher` over every train manifest"
+            f"(e.g. {missing[0]!r}); {rebuild}"
         )
+    frame_s = teacher.index.frame_ms / 1000
+    for utt in utterances:
+        frames = teacher.index.utterances[utt.id][1]
+        if utt.duration and abs(frames - utt.duration / frame_s) > TEACHER_FRAME_SLACK:
+            raise ValueError(
+                f"{teacher.folder}: utterance {utt.id!r} lasts {utt.duration:.2f} s but has {frames} "
+                f"teacher frames of {teacher.index.frame_ms} ms: the store is stale; {rebuild}"
+            )
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
