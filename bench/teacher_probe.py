@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from gharial.asr.checkpoint import HardwareCheckpoint
 from gharial.asr.features import FeatureExtractor
-from gharial.asr.model import RNNT
 from gharial.asr.pipeline import bundled_checkpoint
 from gharial.data.readers import read_utterances
 from gharial.data.teacher import TeacherStore
@@ -46,9 +45,7 @@ console = Console(width=140)
 
 def encoder_outputs(ckpt: HardwareCheckpoint, audios: list[Tensor]) -> list[Tensor]:
     """[frames, hidden] per utterance, one utterance at a time (no padding in the recurrence)."""
-    model = RNNT(ckpt.config)
-    model.load_state_dict(ckpt.state_dict)
-    model.eval()
+    model = ckpt.build_model()
     features = FeatureExtractor(ckpt.config.features, ckpt.meta.mel_stats)
     with torch.no_grad():
         return [model.encoder(features(audio)[None])[0][0] for audio in audios]

