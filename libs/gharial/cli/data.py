@@ -30,7 +30,10 @@ def synth(
     ] = 400,
     held_out: Annotated[
         list[str] | None,
-        typer.Option(help="voice families kept out of training, e.g. espeak:en-029 (repeat the flag)"),
+        typer.Option(
+            help="voice family kept out of training (repeat the flag); default: espeak:en-029 and "
+            "flite:rms, those of the engines used"
+        ),
     ] = None,
     exclude_manifest: Annotated[
         list[Path] | None,
@@ -38,16 +41,23 @@ def synth(
     ] = None,
     seed: Annotated[int, typer.Option(help="one seed decides sentences, voices and augmentation")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="rendering processes")] = 2,
+    engine: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TTS engine to use: espeak, flite, piper or hibari (repeat the flag); default: every "
+            "installed one. piper and hibari come with `pip install -e .[synth]`"
+        ),
+    ] = None,
 ) -> None:
     """Render English sentences (Debian fortunes) with every installed TTS voice, augmented."""
     from gharial.data.manifest import read_json_manifest
-    from gharial.data.synth import DEFAULT_HELD_OUT, build_corpus
+    from gharial.data.synth import ENGINES, build_corpus
 
     exclude = [u.transcript for m in exclude_manifest or [] for u in read_json_manifest(m)]
     try:
         train, heldout = build_corpus(
-            out, sentences, heldout_sentences, seed=seed, held_out=held_out or DEFAULT_HELD_OUT,
-            exclude=exclude, workers=workers,
+            out, sentences, heldout_sentences, seed=seed, held_out=held_out, exclude=exclude,
+            workers=workers, engines=engine or ENGINES,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         typer.echo(f"error: {err}", err=True)
