@@ -77,7 +77,7 @@ $(SYNTH_STAMP): $(STAMP) pyproject.toml
 # The synthetic part of the bundled model's training data (Debian packages espeak-ng, flite and
 # fortunes must be installed; see models/en-small/MODEL_CARD.md). Made once: synth-v1, the formant
 # voices, ~12 min on 2 cores; synth-v2, the two neural voices (the `synth` extra) reading sentences
-# that neither synth-v1 nor its held-out set uses, ~NN min.
+# that neither synth-v1 nor its held-out set uses, ~7 min.
 SYNTH := data/synth-v1/manifest.json
 SYNTH2 := data/synth-v2/manifest.json
 data: install $(SYNTH) $(SYNTH2)

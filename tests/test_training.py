@@ -435,6 +435,36 @@ def test_narrowband_removes_energy_above_4khz(tiny_tokenizer_bytes: bytes) -> No
     assert band_power(out, 100, 3500) == pytest.approx(band_power(wideband, 100, 3500), rel=0.02)
 
 
+def test_gain_changes_the_level_by_the_drawn_decibels(tiny_tokenizer_bytes: bytes) -> None:
+    maker = make_batch_maker(tiny_tokenizer_bytes, gain_db=(-50.0, 6.0))
+    speech = sine(440, 0.5, amplitude=0.1)
+    changes = []
+    for draw in range(60):
+        (out,) = maker.augment_audio([speech], step=0, rng=random.Random(draw))
+        assert len(out) == len(speech)
+        gain = float(out @ speech / (speech @ speech))
+        assert torch.allclose(out, gain * speech, atol=1e-7), "a pure level change"
+        changes.append(20 * math.log10(gain))
+    assert all(-50.01 <= c <= 6.01 for c in changes)
+    assert min(changes) < -40 and max(changes) > -4, "drawn across the whole range"
+    (loud,) = make_batch_maker(tiny_tokenizer_bytes, gain_db=(30.0, 30.0)).augment_audio(
+        [speech], step=0, rng=random.Random(0)
+    )
+    assert float(loud.abs().max()) == 1.0, "clipped as an ADC would"
+
+
+def test_gain_off_leaves_audio_and_draws_alone(tiny_tokenizer_bytes: bytes) -> None:
+    """Off by default, and drawing nothing then, so older recipes keep their exact batches."""
+    assert AugmentConfig().gain_db is None
+    maker = make_batch_maker(tiny_tokenizer_bytes)
+    speech, rng, reference = sine(440, 0.5), random.Random(3), random.Random(3)
+    (out,) = maker.augment_audio([speech], step=0, rng=rng)
+    assert torch.equal(out, speech)
+    for _ in range(2):  # the background-noise and narrowband coins, nothing else
+        reference.random()
+    assert rng.getstate() == reference.getstate()
+
+
 def test_token_sampling_changes_segmentation_not_text(tiny_tokenizer_bytes: bytes) -> None:
     maker = make_batch_maker(tiny_tokenizer_bytes, token_sampling=1.0)
     tokenizer = maker.tokenizer

@@ -125,7 +125,7 @@ class BatchMaker:
         return self.tokenizer.encode(transcript)
 
     def augment_audio(self, audios: list[Tensor], step: int, rng: random.Random) -> list[Tensor]:
-        """Speed perturbation, background noise, babble and narrowband, each applied independently."""
+        """Speed perturbation, background noise, babble, narrowband and level, each applied independently."""
         a = self.augment
         initial = (a.noise_initial_low, a.noise_initial_high)
         out = []
@@ -145,6 +145,8 @@ class BatchMaker:
                 audio = mix_at_snr(audio, other, rng.uniform(low, high))
             if rng.random() < a.prob_train_narrowband:
                 audio = narrowband(audio, self.sample_rate)
+            if a.gain_db is not None:
+                audio = (audio * 10 ** (rng.uniform(*a.gain_db) / 20)).clamp(-1.0, 1.0)
             out.append(audio)
         return out
 

@@ -65,6 +65,12 @@ class AugmentConfig(_Strict):
     prob_background_noise: float = Field(0.25, ge=0, le=1)
     prob_babble_noise: float = Field(0.0, ge=0, le=1)
     prob_train_narrowband: float = Field(0.0, ge=0, le=1)
+    gain_db: tuple[float, float] | None = Field(
+        None,
+        description="change every utterance's level by a uniform draw in [min, max] dB, after the "
+        "other audio augmentations (samples clipped to [-1, 1] as an ADC would); teaches the model "
+        "quiet and loud microphones; null (the default) turns it off",
+    )
     noise_initial_low: float = Field(30.0, description="SNR range (dB) before and during the delay")
     noise_initial_high: float = 60.0
     noise_delay_steps: int = Field(4896, ge=0)
