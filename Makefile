@@ -30,11 +30,13 @@ ifneq ($(PROTO_SRC),)
 	echo '"""Generated gRPC stubs (make protos); do not edit."""' > $(PROTO_OUT)/__init__.py
 endif
 
-test: install
+# The tests install the neural TTS voices too (the `synth` extra), so that tests/test_synth.py renders
+# with every engine `make data` uses.
+test: install-synth
 	$(BIN)/pytest -m "not slow"
 
 # Everything, slow suites included (what .ci/run runs).
-test-all: install
+test-all: install-synth
 	$(BIN)/pytest
 
 lint: install
