@@ -86,7 +86,7 @@ data: install $(SYNTH) $(SYNTH2)
 $(SYNTH):
 	$(BIN)/gharial data synth -o data/synth-v1 --engine espeak --engine flite --sentences 8000 \
 		--heldout-sentences 400 --exclude-manifest ../shared/data/speech-dev/manifest.json
-$(SYNTH2): $(SYNTH) $(SYNTH_STAMP)
+$(SYNTH2): $(SYNTH) | install-synth
 	$(BIN)/gharial data synth -o data/synth-v2 --engine piper --engine hibari --sentences 4000 \
 		--heldout-sentences 0 --seed 1 --exclude-manifest ../shared/data/speech-dev/manifest.json \
 		--exclude-manifest data/synth-v1/manifest.json --exclude-manifest data/synth-v1/heldout.json
