@@ -122,22 +122,29 @@ def evenly(items: list[Utterance], k: int) -> list[Utterance]:
     return [items[i * len(items) // k] for i in range(k)]
 
 
-def load_test_sets(speech_dev: Path, synth: Path, synth_limit: int, limit: int | None) -> list[TestSet]:
-    """The three test sets; a manifest that is missing (data/ is made by `make data`) drops its
-    sets with a warning instead of stopping the benchmark."""
-    sets = []
+def load_speech_dev_sets(speech_dev: Path) -> list[TestSet]:
+    """speech-dev split into the seen speaker and the unseen speakers; none (with a warning) when the
+    manifest cannot be read."""
     try:
         dev = read_utterances(speech_dev)
         sources = manifest_sources(speech_dev)
     except (ManifestError, OSError) as err:
         console.print(f"[yellow]speech-dev sets missing:[/] {err}")
-    else:
-        seen = [u for u in dev if sources.get(u.id) == SEEN_SOURCE]
-        unseen = [u for u in dev if sources.get(u.id) != SEEN_SOURCE]
-        seen_text = f"real speech from {SEEN_SOURCE} (speaker in training)"
-        unseen_text = "real speech, all other sources (speakers not in training)"
-        sets += [TestSet("speech-dev seen", seen_text, speech_dev, seen)]
-        sets += [TestSet("speech-dev unseen", unseen_text, speech_dev, unseen)]
+        return []
+    seen = [u for u in dev if sources.get(u.id) == SEEN_SOURCE]
+    unseen = [u for u in dev if sources.get(u.id) != SEEN_SOURCE]
+    seen_text = f"real speech from {SEEN_SOURCE} (speaker in training)"
+    unseen_text = "real speech, all other sources (speakers not in training)"
+    return [
+        TestSet("speech-dev seen", seen_text, speech_dev, seen),
+        TestSet("speech-dev unseen", unseen_text, speech_dev, unseen),
+    ]
+
+
+def load_test_sets(speech_dev: Path, synth: Path, synth_limit: int, limit: int | None) -> list[TestSet]:
+    """The three test sets; a manifest that is missing (data/ is made by `make data`) drops its
+    sets with a warning instead of stopping the benchmark."""
+    sets = load_speech_dev_sets(speech_dev)
     try:
         heldout = evenly(read_utterances(synth), synth_limit)
     except (ManifestError, OSError) as err:

@@ -1,0 +1,160 @@
+"""Level robustness: word error rate against input level, for Gharial checkpoints side by side.
+
+Why: a live microphone can deliver speech 30-40 dB quieter than a studio recording, and speech-dev
+itself holds three utterances (fleurs_en_004/006/007) at -68 to -59 dBFS RMS, far below any read
+or crowd speech in training (-34 dBFS and up). The features are log-mels normalised by fixed
+training statistics, so a level change shifts every feature by the same constant; a model that
+never heard that shift hears silence. This benchmark measures how much each checkpoint loses.
+
+Every speech-dev utterance is scaled by each `--offset-db` (relative to its own recording, so 0 is
+speech-dev as it is), clipped to ±1 and written as 16-bit PCM, as a microphone delivers it (so
+quieter audio also loses resolution), then decoded by `gharial.validation.validate`: greedy, the
+streaming decoder the servers run, utterances batched in lock-step. Reported for the seen speaker
+and the unseen speakers separately (the split of `accuracy.py`), with each set's median RMS level.
+
+The bundled model is always the first system (the baseline); `--checkpoint` adds others.
+
+Results: a rich table and bench/results/level_robustness.json (per checkpoint, set and offset: WER,
+errors, words; the hypotheses of every utterance beside them).
+
+Run:  OMP_NUM_THREADS=1 .venv/bin/python bench/level_robustness.py --checkpoint runs/stage11.hwckpt
+      .venv/bin/python bench/level_robustness.py --offset-db 0 --offset-db -30 --limit 5   (smoke run)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool
+
+import io
+import json
+import time
+from pathlib import Path
+from statistics import median
+from typing import Annotated, Any
+
+import numpy as np
+import soundfile
+import torch
+import typer
+from accuracy import DEFAULT_SPEECH_DEV, RESULTS, load_speech_dev_sets
+from machine import machine_info
+from rich.console import Console
+from rich.table import Table
+
+from gharial.asr.checkpoint import HardwareCheckpoint
+from gharial.asr.pipeline import bundled_checkpoint
+from gharial.data.manifest import Utterance
+from gharial.validation import ValidationReport, validate
+
+DEFAULT_OUT = RESULTS / "level_robustness.json"
+DEFAULT_OFFSETS = [0.0, -10.0, -20.0, -30.0, -40.0]
+SAMPLE_RATE = 16000  # every Gharial model's input rate
+
+console = Console()
+if not console.is_terminal:
+    console.width = 150
+
+
+def at_level(utterance: Utterance, offset_db: float) -> tuple[Utterance, float]:
+    """The utterance scaled by `offset_db`, held in memory as a 16-bit PCM WAV file, and its RMS level
+    in dBFS after scaling."""
+    audio = (utterance.load_audio(SAMPLE_RATE).numpy() * 10 ** (offset_db / 20)).clip(-1.0, 1.0)
+    pcm = np.round(audio * 32767).astype(np.int16)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    rms = float(np.sqrt(np.mean((pcm / 32768.0) ** 2))) if len(pcm) else 0.0
+    level = 20 * np.log10(max(rms, 1e-10))
+    return utterance.model_copy(update={"audio_bytes": buffer.getvalue(), "sample_rate": None}), level
+
+
+def main(
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option(help="a hardware checkpoint (.hwckpt) to compare with the bundled model; repeatable"),
+    ] = None,
+    offset_db: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="a level offset in dB applied to every utterance; repeatable (default 0 -10 -20 -30 -40)"
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="only the first N utterances of each set (quick runs)")
+    ] = None,
+    speech_dev: Annotated[
+        Path, typer.Option(help="speech-dev manifest (split into seen/unseen speakers by `source`)")
+    ] = DEFAULT_SPEECH_DEV,
+    json_out: Annotated[Path, typer.Option(help="JSON results to write")] = DEFAULT_OUT,
+) -> None:
+    """Greedy WER of the bundled model and each --checkpoint on speech-dev at each level offset."""
+    offsets = offset_db or DEFAULT_OFFSETS
+    torch.set_num_threads(1)
+    machine = machine_info()
+    console.print(f"[bold]level robustness[/] on {machine['cpu']}, torch {machine['torch']} on 1 thread")
+    started = time.perf_counter()
+    sets = load_speech_dev_sets(speech_dev)
+    for s in sets:
+        s.utterances = s.utterances[:limit]
+    sets = [s for s in sets if s.utterances]  # a manifest may hold only one of the two groups
+    if not sets:
+        raise typer.BadParameter(f"no utterances read from {speech_dev}", param_hint="--speech-dev")
+    scaled: dict[tuple[str, float], list[Utterance]] = {}
+    levels: dict[tuple[str, float], float] = {}
+    for s in sets:
+        for offset in offsets:
+            pairs = [at_level(u, offset) for u in s.utterances]
+            scaled[s.name, offset] = [u for u, _ in pairs]
+            levels[s.name, offset] = median(level for _, level in pairs)
+
+    paths = [bundled_checkpoint(), *(checkpoint or [])]
+    names = ["bundled", *(p.stem for p in checkpoint or [])]
+    reports: dict[str, dict[tuple[str, float], ValidationReport]] = {}
+    for name, path in zip(names, paths, strict=True):
+        loaded = HardwareCheckpoint.load(path)
+        reports[name] = {}
+        for key, utterances in scaled.items():
+            with console.status(f"{name}: {key[0]} at {key[1]:+.0f} dB"):
+                reports[name][key] = validate(loaded, utterances)
+            r = reports[name][key]
+            console.print(f"  {name:20} {key[0]:18} {key[1]:+4.0f} dB  WER {r.wer:6.1%}")
+
+    table = Table(title="Greedy WER % by level offset (median RMS dBFS)")
+    table.add_column("checkpoint")
+    table.add_column("test set")
+    for offset in offsets:
+        table.add_column(f"{offset:+.0f} dB", justify="right")
+    for name in names:
+        for j, s in enumerate(sets):
+            cells = [f"{100 * reports[name][s.name, o].wer:.1f} ({levels[s.name, o]:.0f})" for o in offsets]
+            table.add_row(name if j == 0 else "", s.name, *cells, end_section=j == len(sets) - 1)
+    console.print(table)
+
+    summary: dict[str, Any] = {
+        "machine": machine,
+        "settings": {"offsets_db": offsets, "limit": limit, "speech_dev": str(speech_dev)},
+        "checkpoints": {name: str(path) for name, path in zip(names, paths, strict=True)},
+        "median_rms_dbfs": {s.name: {str(o): levels[s.name, o] for o in offsets} for s in sets},
+        "results": {
+            name: {
+                s.name: {str(o): reports[name][s.name, o].model_dump(exclude={"results"}) for o in offsets}
+                for s in sets
+            }
+            for name in names
+        },
+        "hypotheses": {
+            name: {
+                f"{key[0]} {key[1]:+.0f} dB": [u.model_dump() for u in r.results] for key, r in by_key.items()
+            }
+            for name, by_key in reports.items()
+        },
+        "elapsed_s": time.perf_counter() - started,
+    }
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(summary, indent=1))
+    console.print(f"wrote {json_out} ({summary['elapsed_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,48 @@
+"""bench/level_robustness.py: the level change it applies, and a run on the shipped real utterance."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import typer
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from level_robustness import SAMPLE_RATE, at_level, main
+
+from gharial.data.readers import read_utterances
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def test_at_level_scales_the_audio_and_keeps_it_16_bit() -> None:
+    (utterance,) = read_utterances(ASSETS / "manifest.json")
+    original = utterance.load_audio(SAMPLE_RATE).numpy()
+    same, level = at_level(utterance, 0.0)
+    quieter, quieter_level = at_level(utterance, -20.0)
+    assert abs((level - quieter_level) - 20.0) < 0.05
+    scaled = quieter.load_audio(SAMPLE_RATE).numpy()  # read back from the in-memory WAV
+    assert np.abs(scaled - original * 0.1).max() <= 1 / 32768 + 1e-7
+    assert np.abs(same.load_audio(SAMPLE_RATE).numpy() - original).max() <= 1 / 32768 + 1e-7
+    loud, _ = at_level(utterance, 40.0)
+    assert np.abs(loud.load_audio(SAMPLE_RATE).numpy()).max() <= 1.0
+
+
+def test_a_run_reports_every_offset_for_the_bundled_model(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command()(main)
+    out = tmp_path / "levels.json"
+    args = ["--speech-dev", str(ASSETS / "manifest.json"), "--offset-db", "0", "--offset-db", "-30"]
+    result = CliRunner().invoke(app, [*args, "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    seen = document["results"]["bundled"]["speech-dev seen"]  # the asset is the seen speaker's
+    assert set(seen) == {"0.0", "-30.0"}
+    assert seen["0.0"]["words"] == seen["-30.0"]["words"] == 13
+    assert seen["0.0"]["wer"] == 0.0  # the bundled model gets this training take exactly right
+    levels = document["median_rms_dbfs"]["speech-dev seen"]
+    assert abs(levels["0.0"] - levels["-30.0"] - 30.0) < 0.1
+    assert set(document["results"]["bundled"]) == {"speech-dev seen"}  # no unseen utterances given
