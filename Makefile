@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/*.proto)
 PROTO_OUT := libs/gharial/protos
 
-.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy bench-soak demo tools pack install-synth
+.PHONY: install test test-all lint format bench clean protos data train install-bench bench-accuracy bench-levels bench-soak demo tools pack install-synth
 
 install: $(STAMP)
 
@@ -62,6 +62,11 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 # WER and RTF of Gharial and the baselines; flags through ARGS, e.g. make bench-accuracy ARGS="--limit 5"
 bench-accuracy: install-bench
 	OMP_NUM_THREADS=1 $(BIN)/python bench/accuracy.py $(ARGS)
+
+# Greedy WER on speech-dev turned down 0-40 dB, the bundled model beside any other checkpoint;
+# flags through ARGS, e.g. make bench-levels ARGS="--checkpoint runs/x.hwckpt"
+bench-levels: install
+	OMP_NUM_THREADS=1 $(BIN)/python bench/level_robustness.py $(ARGS)
 
 # Leak hunt: the local stack under N real-time streams for minutes (RSS, fds and Redis memory per
 # window, a growth verdict); flags through ARGS, e.g. make bench-soak ARGS="--minutes 3 --streams 16"

@@ -69,6 +69,14 @@ def at_level(utterance: Utterance, offset_db: float) -> tuple[Utterance, float]:
     return utterance.model_copy(update={"audio_bytes": buffer.getvalue(), "sample_rate": None}), level
 
 
+def load_checkpoint(path: Path) -> HardwareCheckpoint:
+    """The checkpoint, or a usage error naming the file and what is wrong with it (before any decoding)."""
+    try:
+        return HardwareCheckpoint.load(path)
+    except (OSError, ValueError) as err:  # CheckpointError is a ValueError
+        raise typer.BadParameter(str(err), param_hint="--checkpoint") from err
+
+
 def main(
     checkpoint: Annotated[
         list[Path] | None,
@@ -94,6 +102,11 @@ def main(
     machine = machine_info()
     console.print(f"[bold]level robustness[/] on {machine['cpu']}, torch {machine['torch']} on 1 thread")
     started = time.perf_counter()
+    paths = [bundled_checkpoint(), *(checkpoint or [])]
+    names = ["bundled", *(p.stem for p in checkpoint or [])]
+    if len(set(names)) < len(names):
+        raise typer.BadParameter("two checkpoints share a file name (the table's row label)")
+    models = {name: load_checkpoint(path) for name, path in zip(names, paths, strict=True)}
     sets = load_speech_dev_sets(speech_dev)
     for s in sets:
         s.utterances = s.utterances[:limit]
@@ -108,11 +121,8 @@ def main(
             scaled[s.name, offset] = [u for u, _ in pairs]
             levels[s.name, offset] = median(level for _, level in pairs)
 
-    paths = [bundled_checkpoint(), *(checkpoint or [])]
-    names = ["bundled", *(p.stem for p in checkpoint or [])]
     reports: dict[str, dict[tuple[str, float], ValidationReport]] = {}
-    for name, path in zip(names, paths, strict=True):
-        loaded = HardwareCheckpoint.load(path)
+    for name, loaded in models.items():
         reports[name] = {}
         for key, utterances in scaled.items():
             with console.status(f"{name}: {key[0]} at {key[1]:+.0f} dB"):

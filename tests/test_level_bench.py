@@ -46,3 +46,16 @@ def test_a_run_reports_every_offset_for_the_bundled_model(tmp_path: Path) -> Non
     levels = document["median_rms_dbfs"]["speech-dev seen"]
     assert abs(levels["0.0"] - levels["-30.0"] - 30.0) < 0.1
     assert set(document["results"]["bundled"]) == {"speech-dev seen"}  # no unseen utterances given
+
+
+def test_a_corrupt_checkpoint_is_named_before_anything_is_decoded(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command()(main)
+    corrupt = tmp_path / "corrupt.hwckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    args = ["--speech-dev", str(ASSETS / "manifest.json"), "--checkpoint", str(corrupt)]
+    result = CliRunner().invoke(app, [*args, "--json-out", str(tmp_path / "out.json")])
+    assert result.exit_code == 2
+    flat = "".join(c for c in result.output if c.isalnum() or c in "._")  # rich may fold a long path
+    assert "corrupt.hwckpt" in flat and "bundled" not in flat
+    assert not (tmp_path / "out.json").exists()
