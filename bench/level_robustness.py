@@ -38,9 +38,8 @@ import numpy as np
 import soundfile
 import torch
 import typer
-from accuracy import DEFAULT_SPEECH_DEV, RESULTS, load_speech_dev_sets
+from accuracy import DEFAULT_SPEECH_DEV, RESULTS, SAMPLE_RATE, console, load_speech_dev_sets
 from machine import machine_info
-from rich.console import Console
 from rich.table import Table
 
 from gharial.asr.checkpoint import HardwareCheckpoint
@@ -50,11 +49,6 @@ from gharial.validation import ValidationReport, validate
 
 DEFAULT_OUT = RESULTS / "level_robustness.json"
 DEFAULT_OFFSETS = [0.0, -10.0, -20.0, -30.0, -40.0]
-SAMPLE_RATE = 16000  # every Gharial model's input rate
-
-console = Console()
-if not console.is_terminal:
-    console.width = 150
 
 
 def at_level(utterance: Utterance, offset_db: float) -> tuple[Utterance, float]:

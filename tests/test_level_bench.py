@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import typer
+from click.testing import Result
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -16,6 +17,13 @@ from level_robustness import SAMPLE_RATE, at_level, main
 from gharial.data.readers import read_utterances
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def run_bench(*args: str) -> Result:
+    """The benchmark's command line, run in-process on the shipped utterance's manifest."""
+    app = typer.Typer()
+    app.command()(main)
+    return CliRunner().invoke(app, ["--speech-dev", str(ASSETS / "manifest.json"), *args])
 
 
 def test_at_level_scales_the_audio_and_keeps_it_16_bit() -> None:
@@ -32,11 +40,8 @@ def test_at_level_scales_the_audio_and_keeps_it_16_bit() -> None:
 
 
 def test_a_run_reports_every_offset_for_the_bundled_model(tmp_path: Path) -> None:
-    app = typer.Typer()
-    app.command()(main)
     out = tmp_path / "levels.json"
-    args = ["--speech-dev", str(ASSETS / "manifest.json"), "--offset-db", "0", "--offset-db", "-30"]
-    result = CliRunner().invoke(app, [*args, "--json-out", str(out)])
+    result = run_bench("--offset-db", "0", "--offset-db", "-30", "--json-out", str(out))
     assert result.exit_code == 0, result.output
     document = json.loads(out.read_text())
     seen = document["results"]["bundled"]["speech-dev seen"]  # the asset is the seen speaker's
@@ -49,12 +54,9 @@ def test_a_run_reports_every_offset_for_the_bundled_model(tmp_path: Path) -> Non
 
 
 def test_a_corrupt_checkpoint_is_named_before_anything_is_decoded(tmp_path: Path) -> None:
-    app = typer.Typer()
-    app.command()(main)
     corrupt = tmp_path / "corrupt.hwckpt"
     corrupt.write_bytes(b"not a checkpoint")
-    args = ["--speech-dev", str(ASSETS / "manifest.json"), "--checkpoint", str(corrupt)]
-    result = CliRunner().invoke(app, [*args, "--json-out", str(tmp_path / "out.json")])
+    result = run_bench("--checkpoint", str(corrupt), "--json-out", str(tmp_path / "out.json"))
     assert result.exit_code == 2
     flat = "".join(c for c in result.output if c.isalnum() or c in "._")  # rich may fold a long path
     assert "corrupt.hwckpt" in flat and "bundled" not in flat
