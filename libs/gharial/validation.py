@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from gharial.asr.checkpoint import HardwareCheckpoint
 from gharial.asr.decoding.base import Token
+from gharial.asr.level import DEFAULT_AUTO_GAIN, AutoGainConfig
 from gharial.asr.pipeline import SpeechToText
 from gharial.asr.streaming import StreamingConfig
 from gharial.data.manifest import Utterance
@@ -122,10 +123,11 @@ def validate(
     streaming: StreamingConfig | None = None,
     max_inputs_per_batch: int = MAX_INPUTS_PER_BATCH,
     progress: bool = False,
+    auto_gain: AutoGainConfig | None = DEFAULT_AUTO_GAIN,
 ) -> ValidationReport:
     """WER of `checkpoint` on `utterances`. Batches hold at most `max_inputs_per_batch` encoder
     inputs; a batch that runs out of memory is split in two and retried."""
-    stt = SpeechToText(checkpoint, beam_width=beam_width, streaming=streaming)
+    stt = SpeechToText(checkpoint, beam_width=beam_width, streaming=streaming, auto_gain=auto_gain)
     rate = checkpoint.meta.config.features.sample_rate
     order = sorted(range(len(utterances)), key=lambda i: utterances[i].duration)
     hypotheses: dict[int, str] = {}

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from gharial.accelerator.program import Program, ProgramError
 from gharial.asr.checkpoint import HardwareCheckpoint
 from gharial.asr.decoding.beam import BeamConfig
+from gharial.asr.level import AUTO_GAIN_HELP, DEFAULT_AUTO_GAIN, AutoGainConfig
 from gharial.asr.pipeline import SpeechToText, bundled_checkpoint
 from gharial.asr.streaming import StreamingConfig
 from gharial.balancer import WorkerRecord, WorkerRegistration
@@ -60,13 +61,14 @@ def cpu_backend(
     streaming: StreamingConfig,
     max_streams: int,
     batch_window_s: float,
+    auto_gain: AutoGainConfig | None,
 ) -> CpuBackend:
     try:
         ckpt = HardwareCheckpoint.load(checkpoint or bundled_checkpoint())
     except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError
         raise StartupError(str(error)) from error
     beam = BeamConfig(width=beam_width, lm_scale=lm_scale) if beam_width > 1 else None
-    stt = SpeechToText(ckpt, beam_width=beam_width, streaming=streaming, beam=beam)
+    stt = SpeechToText(ckpt, beam_width=beam_width, streaming=streaming, beam=beam, auto_gain=auto_gain)
     return CpuBackend(stt, max_streams, batch_window_s)
 
 
@@ -79,6 +81,7 @@ def accelerator_backend(
     public_key: Path | None,
     streaming: StreamingConfig,
     max_streams: int,
+    auto_gain: AutoGainConfig | None,
 ) -> AcceleratorBackend:
     """Connect to the card, check its licence for the program, then make sure the card runs it."""
     if program_path is None:
@@ -108,7 +111,7 @@ def accelerator_backend(
     except (BackendError, LicenseUnavailable, StartupError) as error:
         card.close()
         raise StartupError(str(error)) from error
-    return AcceleratorBackend(card, program, data, streaming, min(max_streams, card_streams))
+    return AcceleratorBackend(card, program, data, streaming, min(max_streams, card_streams), auto_gain)
 
 
 async def watch_card(
@@ -200,6 +203,14 @@ def serve(
             help="Beam search: weight of the checkpoint's n-gram LM (if any).",
         ),
     ] = BeamConfig().lm_scale,
+    auto_gain: Annotated[
+        bool,
+        typer.Option(
+            "--auto-gain/--no-auto-gain",
+            envvar=_env("auto_gain"),
+            help=AUTO_GAIN_HELP,
+        ),
+    ] = True,
     state_resets: Annotated[
         bool,
         typer.Option(
@@ -335,14 +346,24 @@ def serve(
         streaming = StreamingConfig(sr_segment_s=sr_segment if state_resets else 0.0, sr_overlap_s=sr_overlap)
         backend: Backend
         torch.set_num_threads(torch_threads)
+        gain = DEFAULT_AUTO_GAIN if auto_gain else None
         if cpu_backend_flag:
             width = beam_width if beam_decoder else 1
-            backend = cpu_backend(checkpoint, width, lm_scale, streaming, max_streams, batch_window_ms / 1000)
+            window_s = batch_window_ms / 1000
+            backend = cpu_backend(checkpoint, width, lm_scale, streaming, max_streams, window_s, gain)
         else:
             if beam_decoder and beam_width > 1:
                 log_event(log, "beam_search_unavailable", logging.WARNING, reason="the card decodes greedily")
             backend = accelerator_backend(
-                emulator, card_id, program, license_service, license_dir, public_key, streaming, max_streams
+                emulator,
+                card_id,
+                program,
+                license_service,
+                license_dir,
+                public_key,
+                streaming,
+                max_streams,
+                gain,
             )
     except (StartupError, ValidationError) as error:
         log_event(log, "startup_failed", logging.ERROR, reason=str(error))

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor
 
 from gharial.asr.config import FRAME_MS, FeatureConfig
+from gharial.asr.level import AutoGainConfig, LevelTracker
 
 LOG_FLOOR = 1e-10  # power floor before the log, so silence gives a finite feature
 
@@ -73,13 +74,19 @@ def mel_filterbank(cfg: FeatureConfig) -> Tensor:
 
 
 class FeatureExtractor:
-    """Turns 16 kHz float audio in [-1, 1] into normalised, stacked features [T, stack·n_mels]."""
+    """Turns 16 kHz float audio in [-1, 1] into normalised, stacked features [T, stack·n_mels].
 
-    def __init__(self, cfg: FeatureConfig, stats: MelStats | None = None) -> None:
+    With `auto_gain` (inference only), each stream's quiet speech is first lifted to the training
+    level (`gharial.asr.level`), offline and streaming alike."""
+
+    def __init__(
+        self, cfg: FeatureConfig, stats: MelStats | None = None, auto_gain: AutoGainConfig | None = None
+    ) -> None:
         if stats is not None and len(stats.mean) != cfg.n_mels:
             raise ValueError(f"mel stats have {len(stats.mean)} bins but the model uses {cfg.n_mels}")
         stats = stats or MelStats.identity(cfg.n_mels)
         self.cfg = cfg
+        self.auto_gain = auto_gain
         self.samples_per_frame = cfg.sample_rate * FRAME_MS // 1000
         self.history = cfg.window_samples - cfg.hop_samples
         self.window = torch.hann_window(cfg.window_samples, periodic=False)
@@ -121,9 +128,20 @@ class FeatureExtractor:
         frames = max(1, -(-n // self.samples_per_frame))
         return torch.nn.functional.pad(audio, (0, frames * self.samples_per_frame - n))
 
+    def level_tracker(self) -> LevelTracker | None:
+        """A new stream's level tracker; None without auto gain."""
+        return LevelTracker(self.auto_gain) if self.auto_gain is not None else None
+
+    def apply_gain(self, tracker: LevelTracker | None, audio: Tensor) -> Tensor:
+        """Whole 60 ms frames of a stream's audio, with the tracker's gains (if any) applied."""
+        if tracker is None:
+            return audio
+        frames = audio.reshape(-1, self.samples_per_frame)
+        return tracker.apply(frames, self.cfg.hop_samples).reshape(-1)
+
     def raw_log_mels(self, audio: Tensor, dither: float = 0.0) -> Tensor:
         """Un-normalised log-mels of a whole utterance (used to collect mel stats)."""
-        audio = self.pad_to_frames(audio.float())
+        audio = self.apply_gain(self.level_tracker(), self.pad_to_frames(audio.float()))
         if dither:
             audio = audio + dither * torch.randn_like(audio)
         emphasised = preemphasise(audio, self.cfg.preemphasis, previous=0.0)
@@ -147,7 +165,8 @@ class StreamingFeatures:
     """Per-stream feature state: accepts audio of any length, emits features per whole 60 ms frame.
 
     State is the tail of the un-emphasised input (for pre-emphasis), the last (window − hop)
-    emphasised samples (for the overlapping windows) and any samples short of a whole frame.
+    emphasised samples (for the overlapping windows), any samples short of a whole frame and,
+    with auto gain, the stream's level tracker.
     """
 
     def __init__(self, extractor: FeatureExtractor) -> None:
@@ -156,6 +175,7 @@ class StreamingFeatures:
         self.previous_sample = 0.0
         self.history = torch.zeros(extractor.history)
         self.frames_emitted = 0
+        self.level = extractor.level_tracker()
 
     def accept(self, audio: Tensor) -> Tensor:
         """Add samples; return features [2·k, F] for the k frames they complete (k may be 0)."""
@@ -181,6 +201,7 @@ class StreamingFeatures:
         if whole == 0:
             return None
         chunk, self.pending = self.pending[:whole], self.pending[whole:]
+        chunk = self.extractor.apply_gain(self.level, chunk)
         emphasised = preemphasise(chunk, self.extractor.cfg.preemphasis, self.previous_sample)
         self.previous_sample = float(chunk[-1])
         buffered = torch.cat([self.history, emphasised])

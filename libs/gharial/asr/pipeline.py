@@ -15,6 +15,7 @@ from gharial.asr.decoding.beam import BeamConfig, BeamDecoder
 from gharial.asr.decoding.greedy import GreedyDecoder
 from gharial.asr.decoding.lm import NgramLM
 from gharial.asr.features import FeatureExtractor
+from gharial.asr.level import DEFAULT_AUTO_GAIN, AutoGainConfig
 from gharial.asr.prepacked import prepack_for_cpu
 from gharial.asr.streaming import Recognizer, StreamingConfig
 from gharial.asr.tokenizer import WORD_START, Tokenizer
@@ -50,10 +51,12 @@ class SpeechToText:
         beam_width: int = 1,
         streaming: StreamingConfig | None = None,
         beam: BeamConfig | None = None,
+        auto_gain: AutoGainConfig | None = DEFAULT_AUTO_GAIN,
     ) -> None:
         self.checkpoint = checkpoint
         self.model = prepack_for_cpu(checkpoint.build_model())  # inference only: faster batched steps
-        self.features = FeatureExtractor(checkpoint.meta.config.features, checkpoint.meta.mel_stats)
+        features = checkpoint.meta.config.features
+        self.features = FeatureExtractor(features, checkpoint.meta.mel_stats, auto_gain)
         self.tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_model)
         pieces = self.tokenizer.id_to_piece
         decoder: Decoder[Any]

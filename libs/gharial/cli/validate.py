@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from gharial.asr.level import AUTO_GAIN_HELP, DEFAULT_AUTO_GAIN
+
 
 def validate(
     manifest: Annotated[
@@ -44,6 +46,7 @@ def validate(
             "lower it to save memory",
         ),
     ] = None,
+    auto_gain: Annotated[bool, typer.Option("--auto-gain/--no-auto-gain", help=AUTO_GAIN_HELP)] = True,
     as_json: Annotated[
         bool,
         typer.Option(
@@ -74,6 +77,7 @@ def validate(
             hw, utterances, beam_width=beam, streaming=streaming,
             max_inputs_per_batch=max_inputs_per_batch or MAX_INPUTS_PER_BATCH,
             progress=not as_json and sys.stderr.isatty(),
+            auto_gain=DEFAULT_AUTO_GAIN if auto_gain else None,
         )  # fmt: skip
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)

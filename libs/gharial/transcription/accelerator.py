@@ -35,6 +35,7 @@ from gharial.accelerator.wire import iter_chunks
 from gharial.asr.config import FRAME_MS
 from gharial.asr.decoding.base import Token
 from gharial.asr.features import FeatureExtractor
+from gharial.asr.level import DEFAULT_AUTO_GAIN, AutoGainConfig
 from gharial.asr.pipeline import EOS_PIECE
 from gharial.asr.streaming import StreamingConfig
 from gharial.asr.tokenizer import Tokenizer
@@ -193,9 +194,10 @@ class AcceleratorBackend:
         program_bytes: bytes,
         streaming: StreamingConfig,
         max_streams: int,
+        auto_gain: AutoGainConfig | None = DEFAULT_AUTO_GAIN,
     ) -> None:
         tokenizer = Tokenizer.from_bytes(program.tokenizer_model)
-        features = FeatureExtractor(program.meta.config.features, program.meta.mel_stats)
+        features = FeatureExtractor(program.meta.config.features, program.meta.mel_stats, auto_gain)
         self.model = ModelAssets(program.meta.config.name, features, tokenizer)
         self.card = card
         self._program, self._program_bytes = program, program_bytes

@@ -30,6 +30,17 @@ BATCH_SIZE = Histogram(
     "Frames per batch: per CPU model step, or per card batch the worker's frames ran in",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
 )
+SPEECH_LEVEL = Histogram(
+    "gharial_transcriber_speech_level_dbfs",
+    "Each stream's speech level at its end (running mean of its speech, dBFS; streams with no speech "
+    "are not counted): a quiet microphone shows up here long before its words go wrong",
+    buckets=(-80, -70, -60, -55, -50, -45, -40, -35, -30, -25, -20, -15, -10),
+)
+INPUT_GAIN = Histogram(
+    "gharial_transcriber_input_gain_db",
+    "Automatic gain applied to each stream's last frame (0: its speech was at training level)",
+    buckets=(0, 1, 3, 6, 10, 15, 20, 25, 30, 35, 40),
+)
 REJECTS = Counter("gharial_transcriber_rejects_total", "Streams refused, by reason", ["reason"])
 ERRORS = Counter("gharial_transcriber_errors_total", "Streams ended by an error, by kind", ["kind"])
 LICENSE_ALLOWED = Gauge(

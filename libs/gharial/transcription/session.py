@@ -24,7 +24,7 @@ from gharial.asr.decoding.base import Token
 from gharial.audio import pcm16_to_float
 from gharial.protos import transcriber_pb2 as pb
 from gharial.transcription.backend import BackendStream, Decoded, ModelAssets
-from gharial.transcription.metrics import FRAME_SECONDS, FRAMES, STAGE_SECONDS
+from gharial.transcription.metrics import FRAME_SECONDS, FRAMES, INPUT_GAIN, SPEECH_LEVEL, STAGE_SECONDS
 from gharial.transcription.transcript import Transcript
 
 
@@ -91,7 +91,15 @@ class Session:
         of empty audio does."""
         padding = self.features.flush_frames()
         final = (await self._decode(padding)).final if padding is not None else []
+        self._observe_level()
         return self._final(final + self.stream.finish(), self.next_frame)
+
+    def _observe_level(self) -> None:
+        """The stream's speech level and last gain, for the dashboards (auto gain only)."""
+        level = self.features.level
+        if level is not None and level.level_dbfs is not None:
+            SPEECH_LEVEL.observe(level.level_dbfs)
+            INPUT_GAIN.observe(level.gain)
 
     async def close(self) -> None:
         await self.stream.close()

@@ -1,0 +1,137 @@
+"""Automatic gain: lifts a quiet stream's speech to the level the model was trained at.
+
+Why: the model has only heard speech near its training data's level; 10 dB quieter costs the
+bundled model a quarter of its accuracy and 30 dB quieter it hears nothing (MODEL_CARD, "Stage
+11"). A microphone far from the speaker, or turned down, is ordinary in production, so the front
+end measures each stream's speech level as it arrives and turns quiet streams up.
+
+How: the audio is cut into 10 ms blocks and each block's energy (dBFS) measured. A block is speech
+when it and the two before it stand `gate_db` above the stream's noise floor (a minimum follower
+that creeps up at `noise_rise_db_per_s`), so pauses, clicks and background never move the
+estimate and the level holds through silence. The speech level is the running mean of the speech
+blocks' energies (an active speech level), over at most the last `memory_s` seconds of speech so
+that a long session follows a speaker who moves.
+
+One gain per 60 ms frame, decided from the audio up to the end of that frame: 0 dB while the level
+is at or above `boost_below_dbfs` (the training range: those streams' samples are untouched, bit
+for bit); below it the lift grows over `knee_db` to the gain that brings the level to
+`target_dbfs`, at most `max_gain_db`. Two rules protect the start of a stream, where the level is
+least known: no gain before `settle_s` of speech (the first breath or onset of a loud talker would
+otherwise be lifted), and the gain rises at most `attack_db_per_s` (it falls at once). No block is
+lifted above `ceiling_dbfs`, so a quiet stream whose talker suddenly comes close is not blown up.
+
+Each frame's gain depends only on the stream's earlier audio and that frame, so any cutting of the
+stream into chunks gives the same gains, and the offline path runs the same tracker.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from gharial.asr.config import FRAME_MS, StrictModel
+
+BLOCK_S = 0.01  # energy is measured per 10 ms block
+SILENCE_DBFS = -120.0  # the energy of digital silence, so every block has a finite level
+SUSTAIN_BLOCKS = 3  # speech is 30 ms above the noise floor, so one click is not speech
+
+
+class AutoGainConfig(StrictModel):
+    """The level tracker's settings; the defaults were chosen on training utterances turned down
+    (MODEL_CARD, "Automatic gain") and measured on speech-dev by `bench/level_robustness.py`."""
+
+    boost_below_dbfs: float = Field(-38.0, description="speech level below which a stream is lifted")
+    knee_db: float = Field(
+        6.0, gt=0.0, description="the lift grows from 0 to full over this range below boost_below_dbfs"
+    )
+    target_dbfs: float = Field(-27.0, description="speech level a lifted stream is brought to")
+    max_gain_db: float = Field(40.0, ge=0.0, description="largest lift")
+    ceiling_dbfs: float = Field(-6.0, description="no 10 ms block is lifted above this level")
+    gate_db: float = Field(20.0, gt=0.0, description="a block is speech this far above the noise floor")
+    noise_rise_db_per_s: float = Field(5.0, gt=0.0, description="how fast the noise floor creeps up")
+    min_speech_dbfs: float = Field(-90.0, description="quieter blocks are never speech")
+    memory_s: float = Field(5.0, gt=0.0, description="seconds of speech the level averages over")
+    settle_s: float = Field(0.05, ge=0.0, description="seconds of speech heard before the gain may rise")
+    attack_db_per_s: float = Field(600.0, gt=0.0, description="how fast the gain may rise")
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoGainConfig:
+        if self.target_dbfs < self.boost_below_dbfs:
+            raise ValueError("auto gain: target_dbfs must not be below boost_below_dbfs")
+        return self
+
+
+DEFAULT_AUTO_GAIN = AutoGainConfig()
+AUTO_GAIN_HELP = (
+    "Lift speech that arrives quieter than the model's training level (a distant or turned-down "
+    "microphone) by up to 40 dB, decided causally from the audio itself; speech at training level "
+    "is left untouched. --no-auto-gain feeds the audio as it is."
+)
+
+
+def block_energies_dbfs(frames: Tensor, block_samples: int) -> list[float]:
+    """Energy in dBFS of each `block_samples` block of [frames, samples] audio, in time order."""
+    power = frames.reshape(-1, block_samples).double().square().mean(-1)
+    return [max(SILENCE_DBFS, 10.0 * math.log10(p)) if p > 0 else SILENCE_DBFS for p in power.tolist()]
+
+
+class LevelTracker:
+    """One stream's speech level and noise floor; `gains_db` advances them frame by frame."""
+
+    def __init__(self, cfg: AutoGainConfig) -> None:
+        self.cfg = cfg
+        self.noise_dbfs: float | None = None  # set by the stream's first block
+        self.level_dbfs: float | None = None  # set by the stream's first speech block
+        self.speech_blocks = 0
+        self.recent: list[float] = []  # the last SUSTAIN_BLOCKS blocks' energies
+        self.gain = 0.0  # the last frame's gain, dB
+
+    def observe(self, energy_dbfs: float) -> None:
+        """Advance by one 10 ms block."""
+        cfg = self.cfg
+        self.recent = [*self.recent[1 - SUSTAIN_BLOCKS :], energy_dbfs]
+        rise = cfg.noise_rise_db_per_s * BLOCK_S
+        self.noise_dbfs = energy_dbfs if self.noise_dbfs is None else min(energy_dbfs, self.noise_dbfs + rise)
+        sustained = len(self.recent) == SUSTAIN_BLOCKS and min(self.recent) > self.noise_dbfs + cfg.gate_db
+        if sustained and energy_dbfs > cfg.min_speech_dbfs:
+            self.speech_blocks += 1
+            weight = min(self.speech_blocks, cfg.memory_s / BLOCK_S)
+            level = energy_dbfs if self.level_dbfs is None else self.level_dbfs
+            self.level_dbfs = level + (energy_dbfs - level) / weight
+
+    def gain_db(self, loudest_dbfs: float) -> float:
+        """The gain for the frame just observed, whose loudest block is `loudest_dbfs`."""
+        cfg = self.cfg
+        wanted = 0.0
+        settled = self.speech_blocks * BLOCK_S >= cfg.settle_s
+        if self.level_dbfs is not None and settled and self.level_dbfs < cfg.boost_below_dbfs:
+            depth = min(1.0, (cfg.boost_below_dbfs - self.level_dbfs) / cfg.knee_db)
+            wanted = depth * (cfg.target_dbfs - self.level_dbfs)
+        attack = cfg.attack_db_per_s * FRAME_MS / 1000
+        self.gain = max(
+            0.0, min(cfg.max_gain_db, wanted, self.gain + attack, cfg.ceiling_dbfs - loudest_dbfs)
+        )
+        return self.gain
+
+    def gains_db(self, frames: Tensor, block_samples: int) -> list[float]:
+        """Advance over [frames, samples] audio; one gain per frame, from the audio up to its end."""
+        energies = block_energies_dbfs(frames, block_samples)
+        per_frame = len(energies) // frames.shape[0]
+        gains = []
+        for start in range(0, len(energies), per_frame):
+            frame = energies[start : start + per_frame]
+            for energy in frame:
+                self.observe(energy)
+            gains.append(self.gain_db(max(frame)))
+        return gains
+
+    def apply(self, frames: Tensor, block_samples: int) -> Tensor:
+        """[frames, samples] audio with each frame scaled by its gain; untouched when every gain is 0 dB."""
+        gains = self.gains_db(frames, block_samples)
+        if not any(gains):
+            return frames
+        scale = torch.tensor([10.0 ** (g / 20.0) for g in gains], dtype=frames.dtype)
+        return frames * scale.unsqueeze(1)
