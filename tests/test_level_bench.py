@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 import typer
 from click.testing import Result
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from level_robustness import SAMPLE_RATE, at_level, main
+from level_robustness import SAMPLE_RATE, at_level, main, session_of
 
 from gharial.data.readers import read_utterances
 
@@ -39,18 +41,31 @@ def test_at_level_scales_the_audio_and_keeps_it_16_bit() -> None:
     assert np.abs(loud.load_audio(SAMPLE_RATE).numpy()).max() <= 1.0
 
 
-def test_a_run_reports_every_offset_for_the_bundled_model(tmp_path: Path) -> None:
+def test_a_run_reports_every_offset_with_and_without_auto_gain(tmp_path: Path) -> None:
     out = tmp_path / "levels.json"
     result = run_bench("--offset-db", "0", "--offset-db", "-30", "--json-out", str(out))
     assert result.exit_code == 0, result.output
     document = json.loads(out.read_text())
+    assert set(document["results"]) == {"bundled", "bundled + auto gain"}
     seen = document["results"]["bundled"]["speech-dev seen"]  # the asset is the seen speaker's
-    assert set(seen) == {"0.0", "-30.0"}
+    lifted = document["results"]["bundled + auto gain"]["speech-dev seen"]
+    assert set(seen) == set(lifted) == {"0.0", "-30.0"}
     assert seen["0.0"]["words"] == seen["-30.0"]["words"] == 13
-    assert seen["0.0"]["wer"] == 0.0  # the bundled model gets this training take exactly right
+    assert seen["0.0"]["wer"] == lifted["0.0"]["wer"] == 0.0  # the model gets this training take right
+    assert seen["-30.0"]["wer"] == 1.0  # 30 dB quieter the model hears nothing
+    assert lifted["-30.0"]["wer"] == 0.0  # automatic gain gives it back
     levels = document["median_rms_dbfs"]["speech-dev seen"]
     assert abs(levels["0.0"] - levels["-30.0"] - 30.0) < 0.1
     assert set(document["results"]["bundled"]) == {"speech-dev seen"}  # no unseen utterances given
+
+
+def test_a_session_joins_utterances_into_one_stream(tmp_path: Path) -> None:
+    (utterance,) = read_utterances(ASSETS / "manifest.json")
+    session = session_of([utterance, utterance])
+    assert session.transcript == f"{utterance.transcript} {utterance.transcript}"
+    audio, one = session.load_audio(SAMPLE_RATE), utterance.load_audio(SAMPLE_RATE)
+    assert torch.equal(audio, torch.cat([one, one]))
+    assert session.duration == pytest.approx(2 * utterance.duration, abs=1e-3)
 
 
 def test_a_corrupt_checkpoint_is_named_before_anything_is_decoded(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from gharial.accelerator.program import Program
 from gharial.asr.checkpoint import HardwareCheckpoint
 from gharial.asr.decoding.base import Token
 from gharial.asr.features import FeatureExtractor
+from gharial.asr.level import DEFAULT_AUTO_GAIN, AutoGainConfig
 from gharial.asr.pipeline import SpeechToText, bundled_checkpoint, tokens_to_text
 from gharial.asr.streaming import StreamingConfig
 from gharial.asr.tokenizer import Tokenizer
@@ -97,6 +98,11 @@ def check_contract(responses: list[pb.TranscribeResponse], pcm: bytes, first_fra
     for r in responses:
         assert r.start <= r.end == pytest.approx(0.06 * min(r.frame_index + 1, first_frame + n))
         assert len(r.alternatives) >= 1
+
+
+def turned_down(pcm: bytes, db: float) -> bytes:
+    """The audio as a microphone `db` quieter (or farther away) would send it."""
+    return float_to_pcm16(pcm16_to_float(pcm) * 10 ** (-db / 20))
 
 
 def offline(stt: SpeechToText, pcm: bytes, **options: Any) -> str:
@@ -220,6 +226,22 @@ def test_cpu_stream_gets_one_response_per_frame_and_the_offline_transcript(
         assert (metric_value(metrics, "gharial_transcriber_frame_stage_seconds_count", stage=stage) or 0) > 0
     assert (metric_value(metrics, "gharial_transcriber_batch_size_count") or 0) > 0
     assert cpu_worker.events("stream_closed")[0]["stream_id"] == "one"
+
+
+def test_a_quiet_microphone_is_lifted_to_the_models_level(
+    cpu_worker: ServiceProcess, clips: list[bytes], checkpoint: HardwareCheckpoint, greedy: SpeechToText
+) -> None:
+    quiet = turned_down(clips[0], 30.0)
+    with cpu_worker.channel() as channel:
+        stub = transcriber_pb2_grpc.TranscriberStub(channel)
+        responses = list(stub.Transcribe(requests(pb.StreamConfig(stream_id="quiet"), quiet), timeout=60))
+    check_contract(responses, quiet)
+    as_is = SpeechToText(checkpoint, streaming=RESETS, auto_gain=None)
+    assert offline(as_is, quiet) == ""  # without the gain the model hears nothing
+    assert finals(responses) == offline(greedy, quiet) and len(finals(responses).split()) >= 3
+    metrics = cpu_worker.metrics()
+    assert (metric_value(metrics, "gharial_transcriber_speech_level_dbfs_count") or 0) >= 1
+    assert (metric_value(metrics, "gharial_transcriber_input_gain_db_sum") or 0) > 20
 
 
 def test_concurrent_streams_get_their_own_transcripts_and_a_full_worker_refuses(
@@ -386,9 +408,12 @@ def license_service(directory: Path) -> list[str]:
     ]
 
 
-def card_transcript(program: Program, pcm: bytes, segment_frames: int) -> str:
+def card_transcript(
+    program: Program, pcm: bytes, segment_frames: int, auto_gain: AutoGainConfig | None = DEFAULT_AUTO_GAIN
+) -> str:
     """The program's arithmetic on one stream, reset every `segment_frames` frames: the card's text."""
-    features = FeatureExtractor(program.meta.config.features, program.meta.mel_stats)(pcm16_to_float(pcm))
+    extractor = FeatureExtractor(program.meta.config.features, program.meta.mel_stats, auto_gain)
+    features = extractor(pcm16_to_float(pcm))
     executor = ProgramExecutor(program)
     state = executor.new_state(1)
     executor.reset(state, [0])
@@ -406,26 +431,29 @@ def card_transcript(program: Program, pcm: bytes, segment_frames: int) -> str:
 def test_accelerator_streams_get_the_cards_transcript(
     tmp_path: Path, vendor_key: Path, card: ServiceProcess, program_file: Path, clips: list[bytes]
 ) -> None:
+    streams = [*clips, turned_down(clips[0], 30.0)]  # the last one as a far microphone sends it
     directory = licence_dir(tmp_path / "lic", vendor_key)
     with running(license_service(directory)) as licenses:
         command = transcriber(
             "--emulator", card.address, "--program", str(program_file), "--license-service", licenses.address,
             "--card-id", "card-0", "--sr-segment", "1.2", "--sr-overlap", "0",
         )  # fmt: skip
-        with running(command) as worker, worker.channel() as channel, ThreadPoolExecutor(3) as pool:
+        with running(command) as worker, worker.channel() as channel, ThreadPoolExecutor(4) as pool:
             stub = transcriber_pb2_grpc.TranscriberStub(channel)
             calls = [
                 pool.submit(list, stub.Transcribe(requests(pb.StreamConfig(alternatives=2), pcm), timeout=60))
-                for pcm in clips
+                for pcm in streams
             ]
             results = [call.result(timeout=60) for call in calls]
             info = worker_info(stub)
             metrics = worker.metrics()
             assert worker.terminate() == 0
     program = Program.load(program_file)
-    for pcm, responses in zip(clips, results, strict=True):
+    for pcm, responses in zip(streams, results, strict=True):
         check_contract(responses, pcm)
         assert finals(responses) == card_transcript(program, pcm, segment_frames=20)
+    assert len(finals(results[-1]).split()) >= 3  # the quiet stream was lifted on the host
+    assert card_transcript(program, streams[-1], segment_frames=20, auto_gain=None) == ""
     assert (info.backend, info.worker_id, info.models) == ("accelerator", "card-0", ["en-small"])
     assert (
         metric_value(metrics, "gharial_transcriber_license_allowed", card_id="card-0", verdict="ALLOWED") == 1

@@ -54,7 +54,7 @@ class AutoGainConfig(StrictModel):
     noise_rise_db_per_s: float = Field(5.0, gt=0.0, description="how fast the noise floor creeps up")
     min_speech_dbfs: float = Field(-90.0, description="quieter blocks are never speech")
     memory_s: float = Field(5.0, gt=0.0, description="seconds of speech the level averages over")
-    settle_s: float = Field(0.05, ge=0.0, description="seconds of speech heard before the gain may rise")
+    settle_s: float = Field(0.03, ge=0.0, description="seconds of speech heard before the gain may rise")
     attack_db_per_s: float = Field(600.0, gt=0.0, description="how fast the gain may rise")
 
     @model_validator(mode="after")
