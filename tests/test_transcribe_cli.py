@@ -128,3 +128,24 @@ def test_unreadable_embedded_lm_is_a_clear_error(
     out = gharial("transcribe", wav, "--checkpoint", path, "--beam", 2)
     assert out.returncode == 2
     assert "embedded n-gram LM (9 bytes) cannot be read" in out.stderr
+
+
+ASSET = Path(__file__).resolve().parent / "assets" / "cathy_arctic_b0048_1592700282.flac"
+ASSET_TEXT = "he looked like one who had passed through an uncomfortable hour or two"
+
+
+def quiet_copy(directory: Path, db: float) -> Path:
+    """The shipped take `db` quieter, as 16-bit PCM (a microphone turned down)."""
+    path = directory / f"quiet{db:.0f}.wav"
+    soundfile.write(path, (load_audio(ASSET) * 10 ** (-db / 20)).numpy(), 16000, subtype="PCM_16")
+    return path
+
+
+def test_transcribe_lifts_a_quiet_recording_unless_told_not_to(tmp_path: Path) -> None:
+    quiet = quiet_copy(tmp_path, 30.0)
+    lifted = gharial("transcribe", quiet)
+    assert lifted.returncode == 0, lifted.stderr
+    assert lifted.stdout.strip() == ASSET_TEXT  # the bundled model, as at the take's own level
+    as_is = gharial("transcribe", quiet, "--no-auto-gain")
+    assert as_is.returncode == 0, as_is.stderr
+    assert as_is.stdout.strip() == ""

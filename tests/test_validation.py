@@ -36,6 +36,7 @@ from gharial.validation import (
 from .conftest import emitting_model, tone_utterance
 
 GHARIAL = Path(sys.executable).parent / "gharial"
+ASSETS = Path(__file__).resolve().parent / "assets"
 RATE = 16000
 # Out of manifest order by duration, so that results must be put back in order.
 TRANSCRIPTS = ["The colour of Mr. Smith's car.", "Twenty-five wizards", "Hello, world!"]
@@ -263,6 +264,20 @@ def test_validate_cli_json_and_dumped_predictions(
     lines = [json.loads(line) for line in preds.read_text().splitlines()]
     assert lines == [r.model_dump() for r in expected.results]
     assert set(lines[0]) == {"id", "reference", "hypothesis", "errors", "words"}
+
+
+def test_validate_cli_measures_with_and_without_auto_gain(tmp_path: Path) -> None:
+    """The bundled model on the shipped take 30 dB down: heard with automatic gain, lost without."""
+    (take,) = read_utterances(ASSETS / "manifest.json")
+    quiet = tmp_path / "quiet.wav"
+    soundfile.write(quiet, (take.load_audio(16000) * 10 ** (-30 / 20)).numpy(), 16000, subtype="PCM_16")
+    write_json_manifest(tmp_path / "quiet.json", [take.model_copy(update={"audio": quiet})])
+    wers = {}
+    for flag in ("--auto-gain", "--no-auto-gain"):
+        out = gharial("validate", "--manifest", tmp_path / "quiet.json", "--json", flag)
+        assert out.returncode == 0, out.stderr
+        wers[flag] = json.loads(out.stdout)["wer"]
+    assert wers == {"--auto-gain": 0.0, "--no-auto-gain": 1.0}
 
 
 def test_validate_cli_table_with_beam_and_state_resets(data: Path, emitting_checkpoint: Path) -> None:
