@@ -63,10 +63,12 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench-accuracy: install-bench
 	OMP_NUM_THREADS=1 $(BIN)/python bench/accuracy.py $(ARGS)
 
-# Greedy WER on speech-dev turned down 0-40 dB, the bundled model beside any other checkpoint;
+# Greedy WER on speech-dev turned down 0-40 dB, with and without automatic gain, the bundled model
+# beside any other checkpoint; then the front end's host cost per stream with and without it;
 # flags through ARGS, e.g. make bench-levels ARGS="--checkpoint runs/x.hwckpt"
 bench-levels: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench/level_robustness.py $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/front_end.py
 
 # Leak hunt: the local stack under N real-time streams for minutes (RSS, fds and Redis memory per
 # window, a growth verdict); flags through ARGS, e.g. make bench-soak ARGS="--minutes 3 --streams 16"

@@ -1,7 +1,8 @@
 """Accuracy: word error rate and real-time factor of the Gharial model and two baselines, side by side.
 
 Systems (`--systems`, any subset):
-  gharial-greedy   the Gharial checkpoint (`--checkpoint`, default the bundled model), greedy decoding;
+  gharial-greedy   the Gharial checkpoint (`--checkpoint`, default the bundled model), greedy decoding,
+                   with the front end's automatic gain (`gharial.asr.level`), as every server runs;
   gharial-beam     the same checkpoint, beam search (`--beam-width`, default 4);
   pocketsphinx     PocketSphinx 5 with the en-us acoustic model, LM and dictionary its wheel ships
                    (`pocketsphinx.Decoder()` default config), fed 16 kHz int16 audio through

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
@@ -73,8 +74,11 @@ AUTO_GAIN_HELP = (
 
 
 def block_energies_dbfs(frames: Tensor, block_samples: int) -> list[float]:
-    """Energy in dBFS of each `block_samples` block of [frames, samples] audio, in time order."""
-    power = frames.reshape(-1, block_samples).double().square().mean(-1)
+    """Energy in dBFS of each `block_samples` block of [frames, samples] audio, in time order.
+    In numpy: for one stream's 60 ms frame torch's per-operation overhead would cost more than
+    the arithmetic."""
+    blocks = frames.numpy().astype(np.float64).reshape(-1, block_samples)
+    power = (blocks * blocks).sum(axis=1) / block_samples
     return [max(SILENCE_DBFS, 10.0 * math.log10(p)) if p > 0 else SILENCE_DBFS for p in power.tolist()]
 
 
@@ -133,5 +137,5 @@ class LevelTracker:
         gains = self.gains_db(frames, block_samples)
         if not any(gains):
             return frames
-        scale = torch.tensor([10.0 ** (g / 20.0) for g in gains], dtype=frames.dtype)
-        return frames * scale.unsqueeze(1)
+        scale = np.array([10.0 ** (g / 20.0) for g in gains], dtype=np.float32)
+        return torch.from_numpy(frames.numpy() * scale[:, None])
