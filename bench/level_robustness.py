@@ -159,9 +159,9 @@ def main(
         reports[name] = {}
         for key, utterances in scaled.items():
             with console.status(f"{name}: {key[0]} at {key[1]:+.0f} dB"):
-                reports[name][key] = validate(loaded, utterances, streaming=SERVER_STREAMING, auto_gain=auto_gain)
-            r = reports[name][key]
-            console.print(f"  {name:30} {key[0]:18} {key[1]:+4.0f} dB  WER {r.wer:6.1%}")
+                report = validate(loaded, utterances, streaming=SERVER_STREAMING, auto_gain=auto_gain)
+            reports[name][key] = report
+            console.print(f"  {name:30} {key[0]:18} {key[1]:+4.0f} dB  WER {report.wer:6.1%}")
 
     streams = "each utterance a stream" if session_length == 1 else f"{session_length} utterances a stream"
     table = Table(title=f"Greedy WER % by level offset (median RMS dBFS); {streams}")
