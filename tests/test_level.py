@@ -103,6 +103,21 @@ def test_the_gain_rises_no_faster_than_the_attack_and_waits_for_settle() -> None
     assert previous > 30.0  # but it gets there
 
 
+def test_a_level_that_may_be_an_onset_waits_longer_than_a_clearly_quiet_one() -> None:
+    """Every talker's first syllable is quieter than their speech: a level just under the training
+    range is only trusted after unsure_settle_s of speech, a far lower one at once."""
+    cfg = DEFAULT_AUTO_GAIN.model_copy(update={"unsure_settle_s": 0.4})
+    for offset_db, wait_s in ((-12.0, 0.4), (-40.0, cfg.settle_s)):
+        tracker = LevelTracker(cfg)
+        lifted_after = None
+        for frame in frames(speech(offset_db)):
+            if tracker.gains_db(frame[None], BLOCK)[0] > 0 and lifted_after is None:
+                lifted_after = tracker.speech_blocks * 0.01
+        assert tracker.level_dbfs is not None
+        assert (tracker.level_dbfs > cfg.unsure_below_dbfs) == (offset_db == -12.0)
+        assert lifted_after is not None and wait_s <= lifted_after < wait_s + 0.07
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     seconds=st.floats(0.1, 2.5),
@@ -128,3 +143,12 @@ def test_the_settings_are_checked() -> None:
         AutoGainConfig.model_validate({"gain": 3})
     with pytest.raises(ValidationError):
         AutoGainConfig(max_gain_db=-1.0)
+
+
+def test_digital_silence_before_the_speech_does_not_make_the_room_hiss_speech() -> None:
+    """A padded file or a microphone that starts muted: the recording's own background after the
+    zeros is not speech, so speech at training level stays untouched."""
+    padded = torch.cat([torch.zeros(30 * FRAME), speech(0.0), torch.zeros(30 * FRAME)])
+    assert not any(gains_frame_by_frame(padded))
+    plain, lifted = FeatureExtractor(FEATURES), FeatureExtractor(FEATURES, auto_gain=DEFAULT_AUTO_GAIN)
+    assert torch.equal(plain(padded), lifted(padded))

@@ -8,8 +8,10 @@ end measures each stream's speech level as it arrives and turns quiet streams up
 How: the audio is cut into 10 ms blocks and each block's energy (dBFS) measured. A block is speech
 when it and the two before it stand `gate_db` above the stream's noise floor (a minimum follower
 that creeps up at `noise_rise_db_per_s`), so pauses, clicks and background never move the
-estimate and the level holds through silence. The speech level is the running mean of the speech
-blocks' energies (an active speech level), over at most the last `memory_s` seconds of speech so
+estimate and the level holds through silence. Blocks below `no_signal_dbfs` (digital silence: a
+padded file, a muted or starting microphone) are neither speech nor noise: a floor measured on
+them would make the room's own sound that follows look like speech. The speech level is the running mean of the speech
+blocks' powers, in dB (an active speech level: the loud parts weigh most), over at most the last `memory_s` seconds of speech so
 that a long session follows a speaker who moves.
 
 One gain per 60 ms frame, decided from the audio up to the end of that frame: 0 dB while the level
@@ -44,18 +46,24 @@ class AutoGainConfig(StrictModel):
     """The level tracker's settings; the defaults were chosen on training utterances turned down
     (MODEL_CARD, "Automatic gain") and measured on speech-dev by `bench/level_robustness.py`."""
 
-    boost_below_dbfs: float = Field(-38.0, description="speech level below which a stream is lifted")
+    boost_below_dbfs: float = Field(-35.0, description="speech level below which a stream is lifted")
     knee_db: float = Field(
         6.0, gt=0.0, description="the lift grows from 0 to full over this range below boost_below_dbfs"
     )
-    target_dbfs: float = Field(-27.0, description="speech level a lifted stream is brought to")
+    target_dbfs: float = Field(-26.0, description="speech level a lifted stream is brought to")
     max_gain_db: float = Field(40.0, ge=0.0, description="largest lift")
     ceiling_dbfs: float = Field(-6.0, description="no 10 ms block is lifted above this level")
     gate_db: float = Field(20.0, gt=0.0, description="a block is speech this far above the noise floor")
     noise_rise_db_per_s: float = Field(5.0, gt=0.0, description="how fast the noise floor creeps up")
-    min_speech_dbfs: float = Field(-90.0, description="quieter blocks are never speech")
+    no_signal_dbfs: float = Field(
+        -115.0, description="quieter blocks (digital silence) are neither speech nor noise"
+    )
     memory_s: float = Field(5.0, gt=0.0, description="seconds of speech the level averages over")
-    settle_s: float = Field(0.03, ge=0.0, description="seconds of speech heard before the gain may rise")
+    settle_s: float = Field(0.01, ge=0.0, description="seconds of speech heard before the gain may rise")
+    unsure_settle_s: float = Field(
+        0.1, ge=0.0, description="settle_s while the level is above unsure_below_dbfs: onsets look quiet"
+    )
+    unsure_below_dbfs: float = Field(-45.0, description="levels above this may be an onset, not a quiet talker")
     attack_db_per_s: float = Field(600.0, gt=0.0, description="how fast the gain may rise")
 
     @model_validator(mode="after")
@@ -87,9 +95,10 @@ class LevelTracker:
 
     def __init__(self, cfg: AutoGainConfig) -> None:
         self.cfg = cfg
-        self.noise_dbfs: float | None = None  # set by the stream's first block
+        self.noise_dbfs: float | None = None  # set by the stream's first block with a signal
         self.level_dbfs: float | None = None  # set by the stream's first speech block
         self.speech_blocks = 0
+        self.speech_power = 0.0  # running mean power of the speech blocks
         self.recent: list[float] = []  # the last SUSTAIN_BLOCKS blocks' energies
         self.gain = 0.0  # the last frame's gain, dB
 
@@ -97,20 +106,24 @@ class LevelTracker:
         """Advance by one 10 ms block."""
         cfg = self.cfg
         self.recent = [*self.recent[1 - SUSTAIN_BLOCKS :], energy_dbfs]
+        if energy_dbfs < cfg.no_signal_dbfs:  # digital silence is not a quiet room
+            return
         rise = cfg.noise_rise_db_per_s * BLOCK_S
         self.noise_dbfs = energy_dbfs if self.noise_dbfs is None else min(energy_dbfs, self.noise_dbfs + rise)
-        sustained = len(self.recent) == SUSTAIN_BLOCKS and min(self.recent) > self.noise_dbfs + cfg.gate_db
-        if sustained and energy_dbfs > cfg.min_speech_dbfs:
+        if len(self.recent) == SUSTAIN_BLOCKS and min(self.recent) > self.noise_dbfs + cfg.gate_db:
             self.speech_blocks += 1
             weight = min(self.speech_blocks, cfg.memory_s / BLOCK_S)
-            level = energy_dbfs if self.level_dbfs is None else self.level_dbfs
-            self.level_dbfs = level + (energy_dbfs - level) / weight
+            power = 10.0 ** (energy_dbfs / 10.0)
+            self.speech_power += (power - self.speech_power) / weight
+            self.level_dbfs = 10.0 * math.log10(self.speech_power)
 
     def gain_db(self, loudest_dbfs: float) -> float:
         """The gain for the frame just observed, whose loudest block is `loudest_dbfs`."""
         cfg = self.cfg
         wanted = 0.0
-        settled = self.speech_blocks * BLOCK_S >= cfg.settle_s
+        heard = self.speech_blocks * BLOCK_S
+        unsure = self.level_dbfs is not None and self.level_dbfs > cfg.unsure_below_dbfs
+        settled = heard >= (cfg.unsure_settle_s if unsure else cfg.settle_s)
         if self.level_dbfs is not None and settled and self.level_dbfs < cfg.boost_below_dbfs:
             depth = min(1.0, (cfg.boost_below_dbfs - self.level_dbfs) / cfg.knee_db)
             wanted = depth * (cfg.target_dbfs - self.level_dbfs)
