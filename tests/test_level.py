@@ -146,9 +146,12 @@ def test_the_settings_are_checked() -> None:
 
 
 def test_digital_silence_before_the_speech_does_not_make_the_room_hiss_speech() -> None:
-    """A padded file or a microphone that starts muted: the recording's own background after the
-    zeros is not speech, so speech at training level stays untouched."""
-    padded = torch.cat([torch.zeros(30 * FRAME), speech(0.0), torch.zeros(30 * FRAME)])
+    """A padded file, or a browser microphone that starts with zeros and fades in (a block of
+    rounding noise at -105 dBFS, as the demo page's resampler sends): the recording's own room sound
+    after it is not speech, so speech at training level stays untouched."""
+    fade_in = torch.cat([torch.zeros(FRAME - BLOCK), SPEECH[:BLOCK] * 10 ** (-45 / 20)])
+    assert -110 < block_energies_dbfs(fade_in[None, -BLOCK:], BLOCK)[0] < -100
+    padded = torch.cat([torch.zeros(30 * FRAME), fade_in, speech(0.0), torch.zeros(30 * FRAME)])
     assert not any(gains_frame_by_frame(padded))
     plain, lifted = FeatureExtractor(FEATURES), FeatureExtractor(FEATURES, auto_gain=DEFAULT_AUTO_GAIN)
     assert torch.equal(plain(padded), lifted(padded))

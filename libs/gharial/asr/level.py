@@ -8,19 +8,23 @@ end measures each stream's speech level as it arrives and turns quiet streams up
 How: the audio is cut into 10 ms blocks and each block's energy (dBFS) measured. A block is speech
 when it and the two before it stand `gate_db` above the stream's noise floor (a minimum follower
 that creeps up at `noise_rise_db_per_s`), so pauses, clicks and background never move the
-estimate and the level holds through silence. Blocks below `no_signal_dbfs` (digital silence: a
-padded file, a muted or starting microphone) are neither speech nor noise: a floor measured on
-them would make the room's own sound that follows look like speech. The speech level is the running mean of the speech
-blocks' powers, in dB (an active speech level: the loud parts weigh most), over at most the last `memory_s` seconds of speech so
-that a long session follows a speaker who moves.
+estimate and the level holds through silence. Blocks below `no_signal_dbfs` (digital silence or
+16-bit rounding noise: a padded file, a muted or starting microphone, the block where its signal
+begins) are neither speech nor noise: a floor measured on them would make the room's own sound
+that follows look like speech. The speech level is the mean
+power of the speech blocks, in dB (an active speech level: the loud parts weigh most), over at
+most the last `memory_s` seconds of speech, so that a long session follows a speaker who moves.
 
 One gain per 60 ms frame, decided from the audio up to the end of that frame: 0 dB while the level
 is at or above `boost_below_dbfs` (the training range: those streams' samples are untouched, bit
 for bit); below it the lift grows over `knee_db` to the gain that brings the level to
-`target_dbfs`, at most `max_gain_db`. Two rules protect the start of a stream, where the level is
-least known: no gain before `settle_s` of speech (the first breath or onset of a loud talker would
-otherwise be lifted), and the gain rises at most `attack_db_per_s` (it falls at once). No block is
-lifted above `ceiling_dbfs`, so a quiet stream whose talker suddenly comes close is not blown up.
+`target_dbfs`, at most `max_gain_db`. The start of a stream is where the level is least known, and
+the model is most sensitive there (one lifted or unlifted first frame can cost it the first word):
+every talker's first syllable is quieter than their speech, so a level just under the training
+range (above `unsure_below_dbfs`) is trusted only after `unsure_settle_s` of speech, while a level
+far below it is a quiet talker and is lifted after `settle_s`. The gain rises at most
+`attack_db_per_s` (it falls at once), and no block is lifted above `ceiling_dbfs`, so a quiet
+stream whose talker suddenly comes close is not blown up.
 
 Each frame's gain depends only on the stream's earlier audio and that frame, so any cutting of the
 stream into chunks gives the same gains, and the offline path runs the same tracker.
@@ -56,14 +60,16 @@ class AutoGainConfig(StrictModel):
     gate_db: float = Field(20.0, gt=0.0, description="a block is speech this far above the noise floor")
     noise_rise_db_per_s: float = Field(5.0, gt=0.0, description="how fast the noise floor creeps up")
     no_signal_dbfs: float = Field(
-        -115.0, description="quieter blocks (digital silence) are neither speech nor noise"
+        -100.0, description="quieter blocks (digital silence, 16-bit rounding) are neither speech nor noise"
     )
     memory_s: float = Field(5.0, gt=0.0, description="seconds of speech the level averages over")
     settle_s: float = Field(0.01, ge=0.0, description="seconds of speech heard before the gain may rise")
     unsure_settle_s: float = Field(
         0.1, ge=0.0, description="settle_s while the level is above unsure_below_dbfs: onsets look quiet"
     )
-    unsure_below_dbfs: float = Field(-45.0, description="levels above this may be an onset, not a quiet talker")
+    unsure_below_dbfs: float = Field(
+        -45.0, description="levels above this may be an onset, not a quiet talker"
+    )
     attack_db_per_s: float = Field(600.0, gt=0.0, description="how fast the gain may rise")
 
     @model_validator(mode="after")
