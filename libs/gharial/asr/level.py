@@ -11,9 +11,9 @@ that creeps up at `noise_rise_db_per_s`), so pauses, clicks and background never
 estimate and the level holds through silence. Blocks below `no_signal_dbfs` (digital silence or
 16-bit rounding noise: a padded file, a muted or starting microphone, the block where its signal
 begins) are neither speech nor noise: a floor measured on them would make the room's own sound
-that follows look like speech. The speech level is the mean
-power of the speech blocks, in dB (an active speech level: the loud parts weigh most), over at
-most the last `memory_s` seconds of speech, so that a long session follows a speaker who moves.
+that follows look like speech. The speech level is the mean power of the speech blocks, in dB
+(an active speech level: the loud parts weigh most), over at most the last `memory_s` seconds of
+speech, so that a long session follows a speaker who moves.
 
 One gain per 60 ms frame, decided from the audio up to the end of that frame: 0 dB while the level
 is at or above `boost_below_dbfs` (the training range: those streams' samples are untouched, bit

@@ -32,8 +32,8 @@ BATCH_SIZE = Histogram(
 )
 SPEECH_LEVEL = Histogram(
     "gharial_transcriber_speech_level_dbfs",
-    "Each stream's speech level at its end (running mean of its speech, dBFS; streams with no speech "
-    "are not counted): a quiet microphone shows up here long before its words go wrong",
+    "Each stream's speech level at its end (mean power of its speech, dBFS, as the automatic gain "
+    "measures it; streams with no speech are not counted): a quiet microphone shows up here",
     buckets=(-80, -70, -60, -55, -50, -45, -40, -35, -30, -25, -20, -15, -10),
 )
 INPUT_GAIN = Histogram(
