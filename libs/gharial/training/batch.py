@@ -77,7 +77,9 @@ class BatchMaker:
     def __call__(self, utterances: list[Utterance], step: int, seed: int, train: bool = True) -> Batch:
         rng = random.Random(f"{seed}/batch/{step}/{utterances[0].id}")
         audios = [u.load_audio(self.sample_rate) for u in utterances]
+        transcripts = [u.transcript for u in utterances]
         if train:
+            audios, transcripts = self.join_utterances(audios, transcripts, rng)
             audios = self.augment_audio(audios, step, rng)
         features = []
         for audio in audios:
@@ -93,8 +95,8 @@ class BatchMaker:
                     a.spec_time_masks, a.spec_max_time, rng,
                 )  # fmt: skip
             features.append(f)
-        targets = [self.encode(u.transcript, rng if train else None) for u in utterances]
-        characters = [encode_characters(u.transcript) for u in utterances]
+        targets = [self.encode(transcript, rng if train else None) for transcript in transcripts]
+        characters = [encode_characters(transcript) for transcript in transcripts]
         return Batch(
             features=torch.nn.utils.rnn.pad_sequence(features, batch_first=True),
             feature_lengths=torch.tensor([len(f) for f in features]),
@@ -123,6 +125,25 @@ class BatchMaker:
         if rng is not None and rng.random() < self.augment.token_sampling:
             return sample_segmentation(self.tokenizer, transcript, TOKEN_SAMPLING_ALPHA, rng)
         return self.tokenizer.encode(transcript)
+
+    def join_utterances(
+        self, audios: list[Tensor], transcripts: list[str], rng: random.Random
+    ) -> tuple[list[Tensor], list[str]]:
+        """With chance `prob_join`, each utterance is followed by another of the batch after a
+        silent pause (the noise augmentations fill it), its transcript by the other's."""
+        a = self.augment
+        if not a.prob_join or len(audios) < 2:
+            return audios, transcripts
+        joined_audios, joined_transcripts = [], []
+        for i, (audio, transcript) in enumerate(zip(audios, transcripts, strict=True)):
+            if rng.random() < a.prob_join:
+                j = rng.choice([k for k in range(len(audios)) if k != i])
+                gap = torch.zeros(round(rng.uniform(*a.join_gap_s) * self.sample_rate))
+                audio = torch.cat([audio, gap, audios[j]])
+                transcript = f"{transcript} {transcripts[j]}"
+            joined_audios.append(audio)
+            joined_transcripts.append(transcript)
+        return joined_audios, joined_transcripts
 
     def augment_audio(self, audios: list[Tensor], step: int, rng: random.Random) -> list[Tensor]:
         """Speed perturbation, background noise, babble, narrowband and level, each applied independently."""
