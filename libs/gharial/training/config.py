@@ -75,9 +75,9 @@ class AugmentConfig(_Strict):
         0.0,
         ge=0,
         le=1,
-        description="chance that an utterance is followed, in the same training example, by another "
-        "of its batch after a pause of join_gap_s; teaches the model speech that follows speech, as "
-        "in a live stream (a model trained only on single utterances is 13 points worse there)",
+        description="chance that a batch's utterances are joined in pairs, each pair one example with "
+        "a pause of join_gap_s between; teaches the model speech that follows speech, as in a live "
+        "stream (a model trained only on single utterances is 13 points worse there)",
     )
     join_gap_s: tuple[float, float] = Field((0.0, 0.5), description="pause between joined utterances, s")
     noise_initial_low: float = Field(30.0, description="SNR range (dB) before and during the delay")
