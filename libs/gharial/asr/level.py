@@ -102,7 +102,6 @@ class LevelTracker:
     def __init__(self, cfg: AutoGainConfig) -> None:
         self.cfg = cfg
         self.noise_dbfs: float | None = None  # set by the stream's first block with a signal
-        self.level_dbfs: float | None = None  # set by the stream's first speech block
         self.speech_blocks = 0
         self.speech_power = 0.0  # running mean power of the speech blocks
         self.recent: list[float] = []  # the last SUSTAIN_BLOCKS blocks' energies
@@ -121,18 +120,23 @@ class LevelTracker:
             weight = min(self.speech_blocks, cfg.memory_s / BLOCK_S)
             power = 10.0 ** (energy_dbfs / 10.0)
             self.speech_power += (power - self.speech_power) / weight
-            self.level_dbfs = 10.0 * math.log10(self.speech_power)
+
+    @property
+    def level_dbfs(self) -> float | None:
+        """The speech level: the mean power of the speech blocks in dBFS; None before any speech."""
+        return 10.0 * math.log10(self.speech_power) if self.speech_blocks else None
 
     def gain_db(self, loudest_dbfs: float) -> float:
         """The gain for the frame just observed, whose loudest block is `loudest_dbfs`."""
         cfg = self.cfg
+        level = self.level_dbfs
         wanted = 0.0
         heard = self.speech_blocks * BLOCK_S
-        unsure = self.level_dbfs is not None and self.level_dbfs > cfg.unsure_below_dbfs
+        unsure = level is not None and level > cfg.unsure_below_dbfs
         settled = heard >= (cfg.unsure_settle_s if unsure else cfg.settle_s)
-        if self.level_dbfs is not None and settled and self.level_dbfs < cfg.boost_below_dbfs:
-            depth = min(1.0, (cfg.boost_below_dbfs - self.level_dbfs) / cfg.knee_db)
-            wanted = depth * (cfg.target_dbfs - self.level_dbfs)
+        if level is not None and settled and level < cfg.boost_below_dbfs:
+            depth = min(1.0, (cfg.boost_below_dbfs - level) / cfg.knee_db)
+            wanted = depth * (cfg.target_dbfs - level)
         attack = cfg.attack_db_per_s * FRAME_MS / 1000
         self.gain = max(
             0.0, min(cfg.max_gain_db, wanted, self.gain + attack, cfg.ceiling_dbfs - loudest_dbfs)
