@@ -55,13 +55,12 @@ from rich.table import Table
 from gharial.asr.checkpoint import HardwareCheckpoint
 from gharial.asr.level import DEFAULT_AUTO_GAIN, AutoGainConfig
 from gharial.asr.pipeline import bundled_checkpoint
-from gharial.asr.streaming import StreamingConfig
+from gharial.asr.streaming import SERVER_STREAMING
 from gharial.data.manifest import Utterance
 from gharial.validation import ValidationReport, validate
 
 DEFAULT_OUT = RESULTS / "level_robustness.json"
 DEFAULT_OFFSETS = [0.0, -10.0, -20.0, -30.0, -40.0]
-SERVER_STREAMING = StreamingConfig(sr_segment_s=15.0, sr_overlap_s=3.0)  # the transcriber's defaults
 
 
 def at_level(utterance: Utterance, offset_db: float) -> tuple[Utterance, float]:

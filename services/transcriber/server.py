@@ -28,7 +28,7 @@ from gharial.asr.checkpoint import HardwareCheckpoint
 from gharial.asr.decoding.beam import BeamConfig
 from gharial.asr.level import AUTO_GAIN_HELP, DEFAULT_AUTO_GAIN, AutoGainConfig
 from gharial.asr.pipeline import SpeechToText, bundled_checkpoint
-from gharial.asr.streaming import StreamingConfig
+from gharial.asr.streaming import SERVER_STREAMING, StreamingConfig
 from gharial.balancer import WorkerRecord, WorkerRegistration
 from gharial.plumbing.grpc_aio_server import AsyncGrpcServer
 from gharial.plumbing.logs import configure_logging, log_event
@@ -221,7 +221,7 @@ def serve(
     ] = True,
     sr_segment: Annotated[
         float, typer.Option(min=0.0, envvar=_env("sr_segment"), help="State reset period in seconds.")
-    ] = 15.0,
+    ] = SERVER_STREAMING.sr_segment_s,
     sr_overlap: Annotated[
         float,
         typer.Option(
@@ -230,7 +230,7 @@ def serve(
             help="CPU backend: seconds of audio a fresh state warms up on before each reset. The "
             "accelerator resets without overlap (the card holds one state per stream).",
         ),
-    ] = 3.0,
+    ] = SERVER_STREAMING.sr_overlap_s,
     card_id: Annotated[
         str | None,
         typer.Option(

@@ -79,6 +79,10 @@ class StreamingConfig(BaseModel):
         return round(self.sr_overlap_s * 1000 / FRAME_MS) if self.segment_frames else 0
 
 
+# The transcriber's default (and what benchmarks of the served model use): state resets every 15 s.
+SERVER_STREAMING = StreamingConfig(sr_segment_s=15.0, sr_overlap_s=3.0)
+
+
 @dataclass
 class Context(Generic[S]):
     """The model state one decoding runs on: encoder LSTM state plus decoder state."""
