@@ -1257,3 +1257,42 @@ def test_whisper_teacher_encodes_real_speech_at_20_ms() -> None:
     middle = frames[len(frames) // 2]
     cosine = float(frames[0] @ middle / np.linalg.norm(frames[0]) / np.linalg.norm(middle))
     assert cosine < 0.9
+
+
+# -- pruned RNN-T ---------------------------------------------------------------------------------------
+def test_a_pruned_loss_as_wide_as_the_lattice_is_the_full_loss_plus_the_simple_one(
+    corpus: Path, tmp_path: Path
+) -> None:
+    base = load_train_config(corpus / "train.yaml")
+    full = Trainer(base, tmp_path / "full")
+    batch = full.make_batch(full.utterances[:4], 0, base.seed, train=False)
+    losses = {}
+    for weight in (0.0, 0.5):
+        cfg = base.model_copy(update={"rnnt_prune_range": 64, "simple_loss_weight": weight})
+        pruned = Trainer(cfg, tmp_path / f"pruned-{weight}")
+        pruned.model.load_weights(full.model.state_dict())  # the simple heads stay as initialised
+        losses[weight] = float(pruned.loss(batch, None)[0])
+    assert losses[0.0] == pytest.approx(float(full.loss(batch, None)[0]), rel=1e-5)
+    assert losses[0.5] > losses[0.0] + 1.0, "the simple joint's loss is added"
+
+
+def test_pruned_training_trains_the_simple_heads_and_exports_without_them(
+    corpus: Path, tmp_path: Path
+) -> None:
+    cfg = load_train_config(corpus / "train.yaml").model_copy(
+        update={"rnnt_prune_range": 3, "training_steps": 2}
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    heads = {k: v.clone() for k, v in trainer.model.state_dict().items() if k.startswith("simple_")}
+    assert {k.split(".")[0] for k in heads} == {"simple_am_head", "simple_lm_head"}
+    trainer.train()
+    trained = trainer.model.state_dict()
+    assert all(not torch.equal(heads[k], trained[k]) for k in heads), "the simple loss trains its heads"
+    exported = export_checkpoint(TrainingCheckpoint.load(trainer.latest_checkpoint()))
+    assert set(exported.state_dict) == set(TrainingModel(cfg.architecture()).rnnt.state_dict())
+
+
+def test_a_prune_range_of_one_is_refused(corpus: Path) -> None:
+    raw = yaml.safe_load((corpus / "train.yaml").read_text())
+    with pytest.raises(ValueError, match="rnnt_prune_range must be 0"):
+        TrainConfig.model_validate({**raw, "rnnt_prune_range": 1})

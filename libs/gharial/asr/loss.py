@@ -94,25 +94,13 @@ class _RNNTLoss(torch.autograd.Function):
         t_len = logit_lengths.to(logits.device, torch.long)
         u_len = target_lengths.to(logits.device, torch.long)
 
-        # Nodes inside each utterance's lattice; and the target emitted from node u (0 where there is none).
-        t_idx = torch.arange(t, device=logits.device)
-        u_idx = torch.arange(u1, device=logits.device)
-        valid = (t_idx[None, :, None] < t_len[:, None, None]) & (u_idx[None, None, :] <= u_len[:, None, None])
-        has_next = u_idx[None, :] < u_len[:, None]  # [B, U+1]
-        tokens = F.pad(targets.to(logits.device, torch.long), (0, 1)).masked_fill(~has_next, 0)
-
+        tokens = next_tokens(targets.to(logits.device), u_len)
         log_z = torch.logsumexp(logits.to(acc), dim=-1)  # [B, T, U+1]
         blank = logits[..., blank_id].to(acc) - log_z
         emit = logits.gather(-1, tokens[:, None, :, None].expand(b, t, u1, 1)).squeeze(-1).to(acc) - log_z
-        if delay_penalty:
-            centre = (t_len[:, None, None] - 1) / 2
-            emit = emit + delay_penalty * (centre - t_idx[None, :, None]).to(acc)
-        blank = blank.masked_fill(~valid, NEG_INF)
-        emit = emit.masked_fill(~(valid & has_next[:, None, :]), NEG_INF)
-
-        alpha, beta = _alpha_beta(blank, emit, t_len, u_len)
-        rows = torch.arange(b, device=logits.device)
-        log_p = alpha[rows, t_len - 1, u_len] + blank[rows, t_len - 1, u_len]
+        blank, emit = mask_lattice(blank, emit, t_len, u_len, delay_penalty)
+        alpha, beta = alpha_beta(blank, emit, t_len, u_len)
+        log_p = final_log_prob(alpha, blank, t_len, u_len)
 
         ctx.blank_id = blank_id
         ctx.save_for_backward(logits, tokens, log_z, blank, emit, alpha, beta, log_p)
@@ -139,8 +127,36 @@ class _RNNTLoss(torch.autograd.Function):
         return grad.to(logits.dtype), None, None, None, None, None
 
 
+def next_tokens(targets: Tensor, u_len: Tensor) -> Tensor:
+    """[B, U] targets → [B, U+1] long: the token emitted from node u, 0 where there is none."""
+    has_next = torch.arange(targets.shape[1] + 1, device=targets.device)[None, :] < u_len[:, None]
+    return F.pad(targets.long(), (0, 1)).masked_fill(~has_next, 0)
+
+
+def mask_lattice(
+    blank: Tensor, emit: Tensor, t_len: Tensor, u_len: Tensor, delay_penalty: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Log-prob lattices [B, T, U+1] with -inf outside each utterance's lattice (and on the emit
+    edges out of its last row u = U_b), plus the delay penalty on the emit edges."""
+    _, t, u1 = blank.shape
+    t_idx = torch.arange(t, device=blank.device)
+    u_idx = torch.arange(u1, device=blank.device)
+    valid = (t_idx[None, :, None] < t_len[:, None, None]) & (u_idx[None, None, :] <= u_len[:, None, None])
+    has_next = u_idx[None, None, :] < u_len[:, None, None]
+    if delay_penalty:
+        centre = (t_len[:, None, None] - 1) / 2
+        emit = emit + delay_penalty * (centre - t_idx[None, :, None]).to(emit.dtype)
+    return blank.masked_fill(~valid, NEG_INF), emit.masked_fill(~(valid & has_next), NEG_INF)
+
+
+def final_log_prob(alpha: Tensor, blank: Tensor, t_len: Tensor, u_len: Tensor) -> Tensor:
+    """log P(y | x) [B]: every alignment ends with a blank from the last node (T_b - 1, U_b)."""
+    rows = torch.arange(alpha.shape[0], device=alpha.device)
+    return alpha[rows, t_len - 1, u_len] + blank[rows, t_len - 1, u_len]
+
+
 @torch.no_grad()
-def _alpha_beta(blank: Tensor, emit: Tensor, t_len: Tensor, u_len: Tensor) -> tuple[Tensor, Tensor]:
+def alpha_beta(blank: Tensor, emit: Tensor, t_len: Tensor, u_len: Tensor) -> tuple[Tensor, Tensor]:
     """Forward and backward variables for masked log-prob lattices blank, emit [B, T, U+1].
 
     Returns alpha [B, T, U+1] and beta [B, T+1, U+1] (the extra row holds the terminal node (T_b, U_b)),

@@ -127,6 +127,20 @@ class TrainConfig(_Strict):
         description="first steps train only the encoder and CTC heads, on the CTC losses: the "
         "encoder learns acoustics before the prediction network can learn the transcripts by heart",
     )
+    rnnt_prune_range: int = Field(
+        0,
+        ge=0,
+        description="0: the RNN-T loss over the whole (frame, token) lattice. N >= 2: pruned RNN-T "
+        "(gharial.asr.pruned_loss): a simple additive joint picks, per frame, the N token positions "
+        "that matter and the real joint runs only there, so the joint and loss cost N/(U+1) of the "
+        "full lattice's",
+    )
+    simple_loss_weight: float = Field(
+        0.5,
+        ge=0,
+        description="with rnnt_prune_range: weight of the simple joint's own RNN-T loss, which trains "
+        "the heads that choose the windows (the pruned loss has weight 1)",
+    )
     distill_weight: float = Field(
         0.0,
         ge=0,
@@ -167,6 +181,14 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} must divide into grad_accumulation_batches "
                 f"{self.grad_accumulation_batches} x batch_split_factor {self.batch_split_factor}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _prune_range_has_room(self) -> TrainConfig:
+        if self.rnnt_prune_range == 1:
+            raise ValueError(
+                "rnnt_prune_range must be 0 (whole lattice) or at least 2 (a token and the next)"
             )
         return self
 

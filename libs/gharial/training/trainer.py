@@ -36,6 +36,7 @@ from gharial.asr.config import ModelConfig
 from gharial.asr.features import FeatureExtractor, MelStats
 from gharial.asr.loss import rnnt_loss
 from gharial.asr.model import RNNT, EncoderState, LSTMState
+from gharial.asr.pruned_loss import pruned_rnnt_loss
 from gharial.asr.text import CHARSET, normalize_transcript
 from gharial.asr.tokenizer import Tokenizer
 from gharial.data.manifest import ManifestError, Utterance, require_audio_files
@@ -58,28 +59,33 @@ BUDGET_RESERVE = 0.05  # of the budget kept free for the last checkpoint and slo
 NOISE_SUFFIXES = (".wav", ".flac", ".ogg")
 GRAD_NOISE_DECAY = 0.55
 DISTILL_HEAD = "distill_head."
+SIMPLE_HEADS = "simple_"  # simple_am_head., simple_lm_head.: the pruned loss's simple joint
 TEACHER_FRAME_SLACK = 2  # frames a store's utterance may differ from its duration (rounding, padding)
 
 
 class TrainingModel(nn.Module):
     """The RNN-T plus the heads used only in training (never exported): CTC over the tokenizer's
-    pieces on the encoder output, CTC over CHARSET on the pre-RNN output, and, when distilling,
-    a linear map from the encoder output to the teacher's frames."""
+    pieces on the encoder output, CTC over CHARSET on the pre-RNN output, when distilling a linear
+    map from the encoder output to the teacher's frames, and with the pruned RNN-T loss the simple
+    joint's two halves (encoder and prediction network outputs → token logits)."""
 
-    def __init__(self, cfg: ModelConfig, teacher_dim: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, teacher_dim: int | None = None, pruned: bool = False) -> None:
         super().__init__()
         self.rnnt = RNNT(cfg)
         self.ctc_head = nn.Linear(cfg.encoder.hidden, cfg.vocab_size + 1)
         self.character_ctc_head = nn.Linear(cfg.encoder.hidden, len(CHARSET) + 1)
         self.distill_head = None if teacher_dim is None else nn.Linear(cfg.encoder.hidden, teacher_dim)
+        self.simple_am_head = nn.Linear(cfg.encoder.hidden, cfg.vocab_size + 1) if pruned else None
+        self.simple_lm_head = nn.Linear(cfg.predictor.hidden, cfg.vocab_size + 1) if pruned else None
 
     def load_weights(self, state: dict[str, Tensor]) -> None:
-        """Load a training checkpoint's weights; the distillation head is optional on both sides
-        (a run with a teacher may start from one without, and an export never needs it)."""
-        if self.distill_head is None:
-            state = {k: v for k, v in state.items() if not k.startswith(DISTILL_HEAD)}
+        """Load a training checkpoint's weights; the distillation and simple-joint heads are optional
+        on both sides (a run may start from one without them, and an export never needs them)."""
+        heads = {DISTILL_HEAD: self.distill_head, SIMPLE_HEADS: self.simple_am_head}
+        optional = tuple(prefix for prefix, head in heads.items() if head is None)
+        state = {k: v for k, v in state.items() if not k.startswith(optional)}
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(DISTILL_HEAD)]
+        missing = [k for k in missing if not k.startswith((DISTILL_HEAD, SIMPLE_HEADS))]
         if missing or unexpected:
             raise RuntimeError(f"missing keys {missing}, unexpected keys {unexpected}")
 
@@ -167,7 +173,9 @@ class Trainer:
         )  # fmt: skip
 
         self.device = resolve_device(cfg)
-        self.model = TrainingModel(self.model_cfg, None if teacher is None else teacher.dim).to(self.device)
+        self.model = TrainingModel(
+            self.model_cfg, None if teacher is None else teacher.dim, pruned=cfg.rnnt_prune_range > 0
+        ).to(self.device)
         self.ema = EMA(self.model, cfg.optim.ema)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -283,12 +291,7 @@ class Trainer:
         enc_leaf, pred_leaf = enc.detach().requires_grad_(), pred.detach().requires_grad_()
         total = torch.zeros((), device=self.device)
         for rows in torch.arange(len(enc), device=self.device).chunk(cfg.batch_split_factor):
-            t_max, u_max = int(enc_lengths[rows].max()), int(batch.target_lengths[rows].max())
-            logits = rnnt.joint(enc_leaf[rows, :t_max], pred_leaf[rows, : u_max + 1])
-            part = rnnt_loss(
-                logits.float(), batch.targets[rows, :u_max], enc_lengths[rows], batch.target_lengths[rows],
-                rnnt.blank_id, reduction="sum", delay_penalty=cfg.augment.delay_penalty,
-            )  # fmt: skip
+            part = self.transducer_loss(enc_leaf, enc_lengths, pred_leaf, batch, rows)
             (part / cfg.global_batch_size).backward()
             total += part.detach()
         token_ctc = self.token_ctc_loss(enc_leaf, enc_lengths, batch)
@@ -302,6 +305,28 @@ class Trainer:
             grads.append(torch.ones_like(character_ctc))
         torch.autograd.backward(roots, grads)
         return total + token_ctc.detach() + character_ctc.detach(), final_state
+
+    def transducer_loss(
+        self, enc: Tensor, enc_lengths: Tensor, pred: Tensor, batch: Batch, rows: Tensor
+    ) -> Tensor:
+        """Summed RNN-T loss of the batch's `rows`: over the whole lattice, or pruned
+        (rnnt_prune_range) plus simple_loss_weight × the simple joint's loss."""
+        cfg, rnnt = self.cfg, self.model.rnnt
+        t_max, u_max = int(enc_lengths[rows].max()), int(batch.target_lengths[rows].max())
+        enc, pred = enc[rows, :t_max], pred[rows, : u_max + 1]
+        targets, t_len, u_len = batch.targets[rows, :u_max], enc_lengths[rows], batch.target_lengths[rows]
+        if not cfg.rnnt_prune_range:
+            logits = rnnt.joint(enc, pred).float()
+            return rnnt_loss(
+                logits, targets, t_len, u_len, rnnt.blank_id, reduction="sum",
+                delay_penalty=cfg.augment.delay_penalty,
+            )  # fmt: skip
+        assert self.model.simple_am_head is not None and self.model.simple_lm_head is not None
+        simple, pruned = pruned_rnnt_loss(
+            rnnt.joint, enc, pred, self.model.simple_am_head(enc), self.model.simple_lm_head(pred), targets,
+            t_len, u_len, rnnt.blank_id, cfg.rnnt_prune_range, cfg.augment.delay_penalty,
+        )  # fmt: skip
+        return pruned.sum() + cfg.simple_loss_weight * simple.sum()
 
     def token_ctc_loss(self, enc: Tensor, enc_lengths: Tensor, batch: Batch) -> Tensor:
         """ctc_weight × the summed CTC loss over tokens on the encoder output enc [B, T, H]
