@@ -1288,7 +1288,11 @@ def test_pruned_training_trains_the_simple_heads_and_exports_without_them(
     trainer.train()
     trained = trainer.model.state_dict()
     assert all(not torch.equal(heads[k], trained[k]) for k in heads), "the simple loss trains its heads"
-    exported = export_checkpoint(TrainingCheckpoint.load(trainer.latest_checkpoint()))
+    steps = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(s["simple_loss"] > 0 for s in steps if s["event"] == "step"), "logged apart from the total"
+    latest = trainer.latest_checkpoint()
+    assert latest is not None
+    exported = export_checkpoint(TrainingCheckpoint.load(latest))
     assert set(exported.state_dict) == set(TrainingModel(cfg.architecture()).rnnt.state_dict())
 
 

@@ -188,6 +188,7 @@ class Trainer:
         self.best_wer: float | None = None
         self.rsp_history: list[EncoderState] = []
         self.distill_sum = 0.0  # of this step's distillation losses: logged apart from the total
+        self.simple_sum = 0.0  # of this step's weighted simple-joint losses (pruned RNN-T), likewise
         self.prefetcher: BatchPrefetcher | None = None
         self._resume_or_fine_tune()
         if cfg.freeze_encoder:
@@ -326,7 +327,9 @@ class Trainer:
             rnnt.joint, enc, pred, self.model.simple_am_head(enc), self.model.simple_lm_head(pred), targets,
             t_len, u_len, rnnt.blank_id, cfg.rnnt_prune_range, cfg.augment.delay_penalty,
         )  # fmt: skip
-        return pruned.sum() + cfg.simple_loss_weight * simple.sum()
+        weighted_simple = cfg.simple_loss_weight * simple.sum()
+        self.simple_sum += float(weighted_simple.detach())
+        return pruned.sum() + weighted_simple
 
     def token_ctc_loss(self, enc: Tensor, enc_lengths: Tensor, batch: Batch) -> Tensor:
         """ctc_weight × the summed CTC loss over tokens on the encoder output enc [B, T, H]
@@ -396,7 +399,7 @@ class Trainer:
             group["lr"] = lr
         rng = random.Random(f"{cfg.seed}/step/{self.step}")
         loss_sum, seconds, utterances = 0.0, 0.0, 0
-        self.distill_sum = 0.0
+        self.distill_sum = self.simple_sum = 0.0
         self.model.train()
         for micro in range(cfg.grad_accumulation_batches):
             batch = self.micro_batch(self.step * cfg.grad_accumulation_batches + micro)
@@ -417,6 +420,8 @@ class Trainer:
         stats = {"loss": loss_sum / utterances, "lr": lr, "grad_norm": grad_norm, "audio_seconds": seconds}
         if cfg.distill_weight:
             stats["distill_loss"] = self.distill_sum / utterances  # included in "loss"
+        if cfg.rnnt_prune_range and self.step > cfg.ctc_warmup_steps:
+            stats["simple_loss"] = self.simple_sum / utterances  # included in "loss"
         return stats
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
