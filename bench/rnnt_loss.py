@@ -65,6 +65,9 @@ def batch_shapes(tokenizer: Tokenizer, count: int, seed: int) -> list[tuple[list
     utterances = [u for m in MANIFESTS if m.exists() for u in read_json_manifest(m)]
     durations = [u.duration for u in utterances]
     batches = epoch_batches(durations, BATCH_SIZE, seed, epoch=0)[:count]
+    if len(batches) < count:  # no shared data, or fewer batches than asked
+        found = ", ".join(str(m) for m in MANIFESTS if m.exists()) or "none"
+        raise typer.BadParameter(f"{count} batches wanted, {len(batches)} in the training manifests: {found}")
     return [
         ([math.ceil(utterances[i].duration / FRAME_S) for i in rows],
          [len(tokenizer.encode(utterances[i].transcript)) for i in rows])

@@ -1,0 +1,30 @@
+"""bench/rnnt_loss.py: a short run times the whole-lattice and the pruned loss on a real batch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from rnnt_loss import MANIFESTS, main
+
+
+@pytest.mark.skipif(not MANIFESTS[0].exists(), reason="needs ../shared/data/train-cathy")
+def test_a_short_run_times_every_loss(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command()(main)
+    out = tmp_path / "rnnt_loss.json"
+    args = ["--batches", "1", "--repeats", "1", "--prune-range", "4", "--json-out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {row["loss"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"whole lattice", "pruned, 4 tokens a frame"}
+    assert rows["whole lattice"]["speed_up"] == 1.0
+    whole, pruned = rows["whole lattice"], rows["pruned, 4 tokens a frame"]
+    assert 0 < pruned["largest_tensor_mb"] < whole["largest_tensor_mb"], "the logits of 4 positions a frame"
+    assert all(row["ms_per_batch"] > 0 for row in rows.values())
