@@ -110,13 +110,8 @@ class _RNNTLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         logits, tokens, log_z, blank, emit, alpha, beta, log_p = ctx.saved_tensors
         b, t, u1, _ = logits.shape
-        log_p = log_p[:, None, None]
-        # beta has an extra frame row (the terminal node); beta of the successor via blank / via emit.
-        beta_after_blank = beta[:, 1:]
-        beta_after_emit = F.pad(beta[:, :t, 1:], (0, 1), value=NEG_INF)
-        occupancy = torch.exp(alpha + beta[:, :t] - log_p)  # 0 outside the lattice: alpha is -inf there
-        blank_edge = torch.exp(alpha + blank + beta_after_blank - log_p)
-        emit_edge = torch.exp(alpha + emit + beta_after_emit - log_p)
+        occupancy = node_occupancy(alpha, beta, log_p)  # 0 outside the lattice: alpha is -inf there
+        blank_edge, emit_edge = edge_posteriors(blank, emit, alpha, beta, log_p)
 
         grad = logits.to(occupancy.dtype, copy=True)  # the one B·T·U·V allocation
         grad.sub_(log_z[..., None]).exp_().mul_(occupancy[..., None])
@@ -153,6 +148,22 @@ def final_log_prob(alpha: Tensor, blank: Tensor, t_len: Tensor, u_len: Tensor) -
     """log P(y | x) [B]: every alignment ends with a blank from the last node (T_b - 1, U_b)."""
     rows = torch.arange(alpha.shape[0], device=alpha.device)
     return alpha[rows, t_len - 1, u_len] + blank[rows, t_len - 1, u_len]
+
+
+def node_occupancy(alpha: Tensor, beta: Tensor, log_p: Tensor) -> Tensor:
+    """Posterior probability [B, T, U+1] that an alignment passes node (t, u)."""
+    return torch.exp(alpha + beta[:, : alpha.shape[1]] - log_p[:, None, None])
+
+
+def edge_posteriors(
+    blank: Tensor, emit: Tensor, alpha: Tensor, beta: Tensor, log_p: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Posterior probabilities [B, T, U+1] of the blank and of the emit edge out of each node."""
+    t = alpha.shape[1]
+    log_p = log_p[:, None, None]
+    # beta has an extra frame row (the terminal node); beta of the successor via blank / via emit.
+    beta_after_emit = F.pad(beta[:, :t, 1:], (0, 1), value=NEG_INF)
+    return torch.exp(alpha + blank + beta[:, 1:] - log_p), torch.exp(alpha + emit + beta_after_emit - log_p)
 
 
 @torch.no_grad()

@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gharial.asr.loss import NEG_INF, alpha_beta, final_log_prob, mask_lattice, next_tokens
+from gharial.asr.loss import (
+    NEG_INF,
+    alpha_beta,
+    edge_posteriors,
+    final_log_prob,
+    mask_lattice,
+    next_tokens,
+    node_occupancy,
+)
 from gharial.asr.model import Joint
 
 SMALLEST_NORMALISER = 1e-30  # floor of the simple joint's exp-space normaliser (no log(0))
@@ -46,8 +54,7 @@ class _LatticeNLL(torch.autograd.Function):
     def forward(ctx: Any, blank: Tensor, emit: Tensor, t_len: Tensor, u_len: Tensor) -> tuple[Tensor, Tensor]:
         alpha, beta = alpha_beta(blank, emit, t_len, u_len)
         log_p = final_log_prob(alpha, blank, t_len, u_len)
-        t = blank.shape[1]
-        occupancy = torch.exp(alpha + beta[:, :t] - log_p[:, None, None])
+        occupancy = node_occupancy(alpha, beta, log_p)
         ctx.save_for_backward(blank, emit, alpha, beta, log_p)
         ctx.mark_non_differentiable(occupancy)
         return -log_p, occupancy
@@ -55,11 +62,7 @@ class _LatticeNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_nll: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
         blank, emit, alpha, beta, log_p = ctx.saved_tensors
-        t = blank.shape[1]
-        log_p = log_p[:, None, None]
-        beta_after_emit = F.pad(beta[:, :t, 1:], (0, 1), value=NEG_INF)
-        blank_edge = torch.exp(alpha + blank + beta[:, 1:] - log_p)
-        emit_edge = torch.exp(alpha + emit + beta_after_emit - log_p)
+        blank_edge, emit_edge = edge_posteriors(blank, emit, alpha, beta, log_p)
         scale = -grad_nll[:, None, None]
         return blank_edge * scale, emit_edge * scale, None, None
 
