@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from gharial.asr.config import ModelConfig
-from gharial.asr.loss import mask_lattice, rnnt_loss
+from gharial.asr.loss import mask_lattice, next_tokens, rnnt_loss
 from gharial.asr.model import Joint
 from gharial.asr.pruned_loss import lattice_nll, prune_starts, pruned_rnnt_loss, simple_lattice
 
@@ -119,7 +119,7 @@ def test_the_simple_lattice_is_the_log_softmax_of_the_summed_halves() -> None:
     x = random_inputs([5, 3], [4, 2], seed=3)
     am, lm, targets, u_len = x["am"].float(), x["lm"].float(), x["targets"], x["u_len"]
     am = am * 30  # large logits: the exp-space product must stay exact, not overflow
-    blank, emit = simple_lattice(am, lm, targets, u_len, VOCAB)
+    blank, emit = simple_lattice(am, lm, next_tokens(targets, u_len), VOCAB)
     log_probs = (am[:, :, None, :] + lm[:, None, :, :]).log_softmax(-1)  # [B, T, U+1, V+1]
     torch.testing.assert_close(blank, log_probs[..., VOCAB], rtol=1e-4, atol=1e-4)
     for b in range(2):

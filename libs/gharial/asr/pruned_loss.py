@@ -67,16 +67,13 @@ class _LatticeNLL(torch.autograd.Function):
         return blank_edge * scale, emit_edge * scale, None, None
 
 
-def simple_lattice(
-    am: Tensor, lm: Tensor, targets: Tensor, u_len: Tensor, blank_id: int
-) -> tuple[Tensor, Tensor]:
+def simple_lattice(am: Tensor, lm: Tensor, tokens: Tensor, blank_id: int) -> tuple[Tensor, Tensor]:
     """Blank and emit log-prob lattices [B, T, U+1] of the simple joint logits(t, u) = am[t] + lm[u],
-    from am [B, T, V+1] and lm [B, U+1, V+1] (float32)."""
+    from am [B, T, V+1], lm [B, U+1, V+1] (float32) and tokens [B, U+1] (`next_tokens`)."""
     am_max = am.detach().amax(-1, keepdim=True)  # [B, T, 1]
     lm_max = lm.detach().amax(-1, keepdim=True)  # [B, U+1, 1]
     products = torch.matmul((am - am_max).exp(), (lm - lm_max).exp().transpose(1, 2))  # [B, T, U+1]
     log_z = products.clamp_min(SMALLEST_NORMALISER).log() + am_max + lm_max.transpose(1, 2)
-    tokens = next_tokens(targets, u_len)  # [B, U+1]
     b, t, _ = am.shape
     blank = am[..., blank_id, None] + lm[..., blank_id][:, None, :] - log_z
     am_emit = am.gather(-1, tokens[:, None, :].expand(b, t, -1))
@@ -107,9 +104,8 @@ def prune_starts(occupancy: Tensor, t_len: Tensor, u_len: Tensor, s_range: int) 
 
 
 def pruned_lattice(
-    joint: Joint, enc: Tensor, pred: Tensor, targets: Tensor, u_len: Tensor, starts: Tensor,
-    s_range: int, blank_id: int,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    joint: Joint, enc: Tensor, pred: Tensor, tokens: Tensor, starts: Tensor, s_range: int, blank_id: int
+) -> tuple[Tensor, Tensor]:
     """Blank and emit log-prob lattices [B, T, U+1] of the real joint, computed only inside each
     frame's window [starts, starts + s_range) and -inf elsewhere. enc [B, T, He], pred [B, U+1, Hp]."""
     b, t, _ = enc.shape
@@ -119,7 +115,7 @@ def pruned_lattice(
     windows = pred_projected.gather(1, positions.reshape(b, -1, 1).expand(-1, -1, hidden))
     logits = joint.combine(joint.enc_proj(enc)[:, :, None], windows.reshape(b, t, s_range, hidden))
     log_probs = logits.float().log_softmax(-1)  # [B, T, S, V+1]
-    window_tokens = next_tokens(targets, u_len).gather(1, positions.reshape(b, -1)).reshape(b, t, s_range)
+    window_tokens = tokens.gather(1, positions.reshape(b, -1)).reshape(b, t, s_range)
     inside_blank = log_probs[..., blank_id]
     inside_emit = log_probs.gather(-1, window_tokens[..., None]).squeeze(-1)
     outside = log_probs.new_full((b, t, pred.shape[1]), NEG_INF)
@@ -139,10 +135,11 @@ def pruned_rnnt_loss(
     t_len, u_len = t_len.to(enc.device, torch.long), u_len.to(enc.device, torch.long)
     targets = targets.to(enc.device)
     s_range = min(s_range, pred.shape[1])
-    simple_blank, simple_emit = simple_lattice(am.float(), lm.float(), targets, u_len, blank_id)
+    tokens = next_tokens(targets, u_len)  # [B, U+1]: the token emitted from each row
+    simple_blank, simple_emit = simple_lattice(am.float(), lm.float(), tokens, blank_id)
     simple, occupancy = lattice_nll(*mask_lattice(simple_blank, simple_emit, t_len, u_len, delay_penalty),
                                     t_len, u_len)  # fmt: skip
     starts = prune_starts(occupancy, t_len, u_len, s_range)
-    blank, emit = pruned_lattice(joint, enc, pred, targets, u_len, starts, s_range, blank_id)
+    blank, emit = pruned_lattice(joint, enc, pred, tokens, starts, s_range, blank_id)
     pruned, _ = lattice_nll(*mask_lattice(blank, emit, t_len, u_len, delay_penalty), t_len, u_len)
     return simple, pruned
