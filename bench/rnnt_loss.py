@@ -169,7 +169,13 @@ def main(
             f"{mb:.1f}",
         )
     console.print(table)
-    result = {"machine": machine_info(), "threads": torch.get_num_threads(), "batches": batches, "rows": rows}
+    result = {
+        "machine": machine_info(),
+        "threads": torch.get_num_threads(),
+        "batches": batches,
+        "most_tokens": max(max(tokens) for _, tokens in shapes),  # the widest lattice has one more row
+        "rows": rows,
+    }
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps({**result, "audio_seconds": audio_seconds}, indent=2))
     console.print(f"wrote {json_out}")
