@@ -173,11 +173,12 @@ def main(
         "machine": machine_info(),
         "threads": torch.get_num_threads(),
         "batches": batches,
+        "audio_seconds": audio_seconds,
         "most_tokens": max(max(tokens) for _, tokens in shapes),  # the widest lattice has one more row
         "rows": rows,
     }
     json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps({**result, "audio_seconds": audio_seconds}, indent=2))
+    json_out.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {json_out}")
 
 

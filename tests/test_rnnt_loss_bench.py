@@ -22,13 +22,13 @@ def test_a_short_run_times_every_loss(tmp_path: Path) -> None:
     args = ["--batches", "1", "--repeats", "1", "--prune-range", "4", "--json-out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    result = json.loads(out.read_text())
-    rows = {row["loss"]: row for row in result["rows"]}
+    report = json.loads(out.read_text())
+    rows = {row["loss"]: row for row in report["rows"]}
     assert set(rows) == {"whole lattice", "pruned, 4 tokens a frame"}
     assert rows["whole lattice"]["speed_up"] == 1.0
     whole, pruned = rows["whole lattice"], rows["pruned, 4 tokens a frame"]
     # one batch: the whole lattice's logits hold U + 1 token positions a frame, the pruned ones at most 4
-    positions = result["most_tokens"] + 1
+    positions = report["most_tokens"] + 1
     expected = whole["largest_tensor_mb"] * min(4, positions) / positions
     assert pruned["largest_tensor_mb"] == pytest.approx(expected)
     assert pruned["largest_tensor_mb"] > 0
