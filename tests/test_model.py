@@ -79,3 +79,31 @@ def test_training_lattice_shape_and_sos(tiny_config: ModelConfig) -> None:
     out, _ = model.predictor(sos)
     zero_input, _ = model.predictor.rnn(torch.zeros(1, 1, tiny_config.predictor.hidden))
     torch.testing.assert_close(out, zero_input)  # blank/SOS embeds to zeros
+
+
+def test_dropout_acts_in_training_only(tiny_config: ModelConfig) -> None:
+    """Dropout changes the training lattice from call to call, never the eval model's output, and
+    adds no parameters (checkpoints with and without it load into each other)."""
+    config = tiny_config.model_copy(
+        update={
+            "encoder": tiny_config.encoder.model_copy(update={"dropout": 0.3}),
+            "predictor": tiny_config.predictor.model_copy(update={"dropout": 0.3}),
+        }
+    )
+    torch.manual_seed(0)
+    model = RNNT(config)
+    plain = RNNT(tiny_config)
+    plain.load_state_dict(model.state_dict())  # same parameters, strict load
+    features = torch.randn(2, 8, config.features.feature_dim)
+    targets = torch.randint(0, 31, (2, 5))
+    first, second = model(features, targets), model(features, targets)
+    assert not torch.allclose(first, second)
+    model.eval()
+    plain.eval()
+    torch.testing.assert_close(model(features, targets), plain(features, targets))
+    torch.testing.assert_close(model(features, targets), model(features, targets))
+
+
+def test_dropout_must_be_a_probability() -> None:
+    with pytest.raises(ValueError, match="dropout"):
+        ModelConfig(name="x", vocab_size=10, encoder={"dropout": 1.0})  # type: ignore[arg-type]

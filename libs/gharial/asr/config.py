@@ -53,6 +53,12 @@ class EncoderConfig(StrictModel):
     post_rnn_layers: int = 3
     hidden: int = 1024
     stack_time: int = 2
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="dropout between LSTM layers and into the post-RNN, in training only",
+    )
 
 
 class PredictorConfig(StrictModel):
@@ -60,6 +66,12 @@ class PredictorConfig(StrictModel):
 
     hidden: int = 512
     layers: int = 2
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="dropout on token embeddings and between LSTM layers, in training only",
+    )
 
 
 class JointConfig(StrictModel):

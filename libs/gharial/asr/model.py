@@ -75,6 +75,11 @@ def stack_time(x: Tensor, factor: int) -> Tensor:
     return x.reshape(b, t // factor, factor * d)
 
 
+def lstm(inputs: int, hidden: int, layers: int, dropout: float) -> nn.LSTM:
+    """A batch-first LSTM with `dropout` between its layers (torch applies none after the last)."""
+    return nn.LSTM(inputs, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+
+
 class Encoder(nn.Module):
     state_like: Tensor
 
@@ -82,10 +87,11 @@ class Encoder(nn.Module):
         super().__init__()
         enc = cfg.encoder
         self.stack = enc.stack_time
-        self.pre_rnn = nn.LSTM(cfg.features.feature_dim, enc.hidden, enc.pre_rnn_layers, batch_first=True)
-        self.post_rnn = nn.LSTM(
-            enc.stack_time * enc.hidden, enc.hidden, enc.post_rnn_layers, batch_first=True
-        )
+        # Dropout (training only; identity in eval mode, so serving never sees it) between LSTM
+        # layers and on the stacked pre-RNN output; it adds no parameters.
+        self.pre_rnn = lstm(cfg.features.feature_dim, enc.hidden, enc.pre_rnn_layers, enc.dropout)
+        self.dropout = nn.Dropout(enc.dropout)
+        self.post_rnn = lstm(enc.stack_time * enc.hidden, enc.hidden, enc.post_rnn_layers, enc.dropout)
         # Where initial states take their dtype and device from; a buffer, because int8 dynamic
         # quantization leaves the encoder without float parameters. Not saved in checkpoints.
         self.register_buffer("state_like", torch.zeros(0), persistent=False)
@@ -109,7 +115,7 @@ class Encoder(nn.Module):
         in training reads)."""
         state = state or self.initial_state(x.shape[0])
         below, pre = self.pre_rnn(x, tuple(state.pre))
-        y, post = self.post_rnn(stack_time(below, self.stack), tuple(state.post))
+        y, post = self.post_rnn(self.dropout(stack_time(below, self.stack)), tuple(state.post))
         return below, y, EncoderState(LSTMState(*pre), LSTMState(*post))
 
 
@@ -119,8 +125,10 @@ class Predictor(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.blank_id = cfg.blank_id
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.predictor.hidden)
-        self.rnn = nn.LSTM(cfg.predictor.hidden, cfg.predictor.hidden, cfg.predictor.layers, batch_first=True)
+        pred = cfg.predictor
+        self.embed = nn.Embedding(cfg.vocab_size, pred.hidden)
+        self.dropout = nn.Dropout(pred.dropout)  # training only, like the encoder's
+        self.rnn = lstm(pred.hidden, pred.hidden, pred.layers, pred.dropout)
 
     def initial_state(self, batch: int) -> LSTMState:
         return LSTMState.zeros(self.rnn.num_layers, batch, self.rnn.hidden_size, self.embed.weight)
@@ -130,7 +138,7 @@ class Predictor(nn.Module):
         state = state or self.initial_state(tokens.shape[0])
         is_sos = tokens == self.blank_id
         emb = self.embed(tokens.masked_fill(is_sos, 0)) * (~is_sos).unsqueeze(-1).to(self.embed.weight.dtype)
-        y, (h, c) = self.rnn(emb, tuple(state))
+        y, (h, c) = self.rnn(self.dropout(emb), tuple(state))
         return y, LSTMState(h, c)
 
 
