@@ -107,3 +107,16 @@ def test_dropout_acts_in_training_only(tiny_config: ModelConfig) -> None:
 def test_dropout_must_be_a_probability() -> None:
     with pytest.raises(ValueError, match="dropout"):
         ModelConfig(name="x", vocab_size=10, encoder={"dropout": 1.0})  # type: ignore[arg-type]
+
+
+def test_dropout_is_not_part_of_the_weights(tiny_config: ModelConfig) -> None:
+    """Fine-tuning may add dropout to an exported model; any other change is another architecture."""
+    with_dropout = tiny_config.model_copy(
+        update={"predictor": tiny_config.predictor.model_copy(update={"dropout": 0.2})}
+    )
+    wider = tiny_config.model_copy(
+        update={"joint": tiny_config.joint.model_copy(update={"hidden": tiny_config.joint.hidden + 1})}
+    )
+    assert with_dropout != tiny_config
+    assert with_dropout.same_weights_as(tiny_config)
+    assert not wider.same_weights_as(tiny_config)

@@ -89,6 +89,20 @@ class ModelConfig(StrictModel):
     joint: JointConfig = JointConfig()
     max_symbols_per_step: int = Field(30, description="decoder emits at most this many tokens per frame")
 
+    def same_weights_as(self, other: ModelConfig) -> bool:
+        """Whether weights trained under one config load and mean the same under the other: equal
+        but for the training-only dropout rates (fine-tuning may add or change dropout)."""
+
+        def without_dropout(cfg: ModelConfig) -> ModelConfig:
+            return cfg.model_copy(
+                update={
+                    "encoder": cfg.encoder.model_copy(update={"dropout": 0.0}),
+                    "predictor": cfg.predictor.model_copy(update={"dropout": 0.0}),
+                }
+            )
+
+        return without_dropout(self) == without_dropout(other)
+
     @model_validator(mode="after")
     def _frames_tile_60ms(self) -> ModelConfig:
         f = self.features

@@ -242,12 +242,13 @@ class Trainer:
     def _start_from(self, path: Path) -> None:
         """Fine-tuning starts from a training checkpoint's EMA weights, CTC heads included, or from a
         hardware checkpoint (`.hwckpt`, e.g. the bundled model), whose RNN-T must match this run's
-        model config and tokenizer; the CTC heads then start fresh, as an exported model has none."""
+        model config (dropout aside) and tokenizer; the CTC heads then start fresh, as an exported
+        model has none."""
         if path.suffix != ".hwckpt":
             self.model.load_weights(TrainingCheckpoint.load(path).ema)
             return
         exported = HardwareCheckpoint.load(path)
-        if exported.config != self.model_cfg:
+        if not exported.config.same_weights_as(self.model_cfg):
             raise ValueError(
                 f"{path}: its model config {exported.config.name!r} differs from this run's "
                 f"{self.model_cfg.name!r} (fine-tuning keeps the architecture)"
