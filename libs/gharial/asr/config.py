@@ -92,16 +92,8 @@ class ModelConfig(StrictModel):
     def same_weights_as(self, other: ModelConfig) -> bool:
         """Whether weights trained under one config load and mean the same under the other: equal
         but for the training-only dropout rates (fine-tuning may add or change dropout)."""
-
-        def without_dropout(cfg: ModelConfig) -> ModelConfig:
-            return cfg.model_copy(
-                update={
-                    "encoder": cfg.encoder.model_copy(update={"dropout": 0.0}),
-                    "predictor": cfg.predictor.model_copy(update={"dropout": 0.0}),
-                }
-            )
-
-        return without_dropout(self) == without_dropout(other)
+        training_only = {"encoder": {"dropout"}, "predictor": {"dropout"}}
+        return self.model_dump(exclude=training_only) == other.model_dump(exclude=training_only)
 
     @model_validator(mode="after")
     def _frames_tile_60ms(self) -> ModelConfig:
