@@ -214,6 +214,17 @@ def test_resume_continues_exactly(
     assert len(straight.rsp_history) == len(cfg.augment.rsp_seq_len_freq)
 
 
+def test_keep_every_spares_its_checkpoints_from_pruning(corpus: Path, tmp_path: Path) -> None:
+    cfg = load_train_config(corpus / "train.yaml").model_copy(update={"save_every": 1, "keep_every": 4})
+    trainer = Trainer(cfg, tmp_path)
+    for step in range(1, 11):
+        trainer.step = step
+        trainer.save()
+    saved = sorted(int(p.stem.removeprefix("step_")) for p in (tmp_path / "checkpoints").glob("step_*.pt"))
+    assert saved == [4, 8, 9, 10], "the last 3, and every 4th step for good"
+    assert trainer.latest_checkpoint() == tmp_path / "checkpoints" / "step_0000010.pt"
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(
     corpus: Path, straight_run: tuple[TrainingCheckpoint, dict[int, Batch]], tmp_path: Path
 ) -> None:

@@ -155,6 +155,12 @@ class TrainConfig(_Strict):
     )
     seed: int = 1
     save_every: int = Field(250, gt=0, description="steps between checkpoints (last 3 kept, best kept)")
+    keep_every: int | None = Field(
+        None,
+        gt=0,
+        description="checkpoints at multiples of this step are never pruned, so a learning curve "
+        "can be validated after the run; null keeps only the last 3",
+    )
     val_every: int = Field(1000, gt=0)
     val_utterances: int | None = Field(
         None, description="validate on the first N utterances of each manifest"

@@ -216,8 +216,13 @@ class Trainer:
         path = self.ckpt_dir / f"step_{self.step:07d}.pt"
         self.checkpoint().save(path)
         for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-KEEP_CHECKPOINTS]:
-            old.unlink()
+            if not self._kept_for_good(old):
+                old.unlink()
         return path
+
+    def _kept_for_good(self, path: Path) -> bool:
+        step = int(path.stem.removeprefix("step_"))
+        return self.cfg.keep_every is not None and step % self.cfg.keep_every == 0
 
     def latest_checkpoint(self) -> Path | None:
         saved = sorted(self.ckpt_dir.glob("step_*.pt"))
