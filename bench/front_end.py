@@ -7,7 +7,7 @@ CPU backend's step does exactly this). The level tracker is Python per 10 ms blo
 measured here beside the baseline (`--no-auto-gain`'s front end), in one process.
 
 `--streams` streams (default 64) each play the shipped real recording
-(tests/assets/cathy_arctic_b0048, 3.8 s) at its own level ("normal": untouched by the gain) or 30 dB
+(tests/assets/cathy_arctic_b0105, 3.4 s) at its own level ("normal": untouched by the gain) or 30 dB
 down ("quiet": lifted); every frame step feeds each stream one 60 ms frame and computes the
 features of all of them. Reported per stream-frame (µs) and as the share of one core that one
 stream's front end takes in real time (a frame is due every 60 ms), best of `--repeats` runs.
@@ -41,7 +41,7 @@ from gharial.asr.level import DEFAULT_AUTO_GAIN
 from gharial.asr.pipeline import bundled_checkpoint
 from gharial.audio import load_audio
 
-RECORDING = Path(__file__).resolve().parents[1] / "tests" / "assets" / "cathy_arctic_b0048_1592700282.flac"
+RECORDING = Path(__file__).resolve().parents[1] / "tests" / "assets" / "cathy_arctic_b0105_1592699154.flac"
 DEFAULT_OUT = RESULTS / "front_end.json"
 FRAME_S = 0.06
 
