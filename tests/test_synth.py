@@ -84,14 +84,17 @@ def test_plan_names_missing_held_out_voice() -> None:
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_rate_changes_duration(engine: str) -> None:
-    """Every engine's rate control works: slow speech is longer than fast speech of the same text."""
+    """Every engine's rate control works: slow speech is longer than fast speech of the same text.
+    Piper draws its phone durations at random inside its ONNX graph (one pair once came out at a
+    ratio of 1.23 where the rates' is 1.56), so the lengths are summed over three renders."""
     voice = installed(engine)
     text = "The quick brown fox jumps over the lazy dog."
-    slow, fast = (render(voice, text, rate, 1.0, seed=3) for rate in (0.8, 1.25))
-    assert slow.dim() == fast.dim() == 1
-    assert 1.0 < len(fast) / 16000 < len(slow) / 16000 < 8.0
-    assert len(slow) / len(fast) > 1.25
-    assert float(slow.abs().max()) > 0.05
+    slow, fast = ([render(voice, text, rate, 1.0, seed=3 + k) for k in range(3)] for rate in (0.8, 1.25))
+    assert all(audio.dim() == 1 for audio in slow + fast)
+    slow_s, fast_s = (sum(len(audio) for audio in renders) / 3 / 16000 for renders in (slow, fast))
+    assert 1.0 < fast_s < slow_s < 8.0
+    assert slow_s / fast_s > 1.25
+    assert float(slow[0].abs().max()) > 0.05
 
 
 @pytest.mark.parametrize("engine", ENGINES)
