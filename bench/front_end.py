@@ -40,8 +40,10 @@ from gharial.asr.features import FeatureExtractor
 from gharial.asr.level import DEFAULT_AUTO_GAIN
 from gharial.asr.pipeline import bundled_checkpoint
 from gharial.audio import load_audio
+from gharial.data.readers import read_utterances
 
-RECORDING = Path(__file__).resolve().parents[1] / "tests" / "assets" / "cathy_arctic_b0105_1592699154.flac"
+# the manifest of the real recording shipped with the tests (tests/assets/SOURCES.md)
+SHIPPED_TAKE_MANIFEST = Path(__file__).resolve().parents[1] / "tests" / "assets" / "manifest.json"
 DEFAULT_OUT = RESULTS / "front_end.json"
 FRAME_S = 0.06
 
@@ -70,7 +72,8 @@ def main(
     console.print(f"[bold]front end[/] on {machine['cpu']}, torch {machine['torch']} on 1 thread")
     checkpoint = HardwareCheckpoint.load(bundled_checkpoint())
     features, stats = checkpoint.meta.config.features, checkpoint.meta.mel_stats
-    recording = load_audio(RECORDING, SAMPLE_RATE)
+    (take,) = read_utterances(SHIPPED_TAKE_MANIFEST)
+    recording = load_audio(take.audio, SAMPLE_RATE)
     levels = {"normal": recording, "quiet (-30 dB)": recording * 10 ** (-30 / 20)}
     systems = {"as is": None, "auto gain": DEFAULT_AUTO_GAIN}
     results: dict[str, dict[str, float]] = {}
@@ -92,7 +95,7 @@ def main(
     console.print(table)
     summary: dict[str, Any] = {
         "machine": machine,
-        "settings": {"streams": streams, "repeats": repeats, "recording": str(RECORDING)},
+        "settings": {"streams": streams, "repeats": repeats, "recording": str(take.audio)},
         "seconds_per_stream_frame": results,
         "auto_gain": DEFAULT_AUTO_GAIN.model_dump(),
     }

@@ -17,8 +17,11 @@ from gharial.asr.features import FeatureExtractor, MelStats
 from gharial.asr.loss import rnnt_loss
 from gharial.asr.model import RNNT
 from gharial.asr.tokenizer import train_tokenizer
+from gharial.data.readers import read_utterances
 
 SPEECH_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech-dev"
+# the real recording shipped in tests/assets (its SOURCES.md says why this take); its manifest names it
+(SHIPPED_TAKE,) = read_utterances(Path(__file__).resolve().parent / "assets" / "manifest.json")
 # Test models are tiny: one thread each avoids OpenMP spin-waiting against other processes on
 # this 2-core machine, which otherwise slows the suite many times over.
 torch.set_num_threads(1)

@@ -4,7 +4,6 @@ offline apply the same gains, on a real recording of the seen speaker turned up 
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +16,12 @@ from gharial.asr.features import FeatureExtractor
 from gharial.asr.level import DEFAULT_AUTO_GAIN, AutoGainConfig, LevelTracker, block_energies_dbfs
 from gharial.audio import load_audio
 
-ASSET = Path(__file__).resolve().parent / "assets" / "cathy_arctic_b0105_1592699154.flac"
+from .conftest import SHIPPED_TAKE
+
 FEATURES = load_model_config("base").features
 FRAME = 960  # samples per 60 ms frame
 BLOCK = 160  # samples per 10 ms block
-SPEECH = load_audio(ASSET, 16000)
+SPEECH = load_audio(SHIPPED_TAKE.audio, 16000)
 
 
 def speech(offset_db: float, seconds: float | None = None) -> torch.Tensor:

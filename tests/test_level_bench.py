@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from level_robustness import SAMPLE_RATE, at_level, main, session_of
 
-from gharial.data.readers import read_utterances
+from tests.conftest import SHIPPED_TAKE
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -29,15 +29,14 @@ def run_bench(*args: str) -> Result:
 
 
 def test_at_level_scales_the_audio_and_keeps_it_16_bit() -> None:
-    (utterance,) = read_utterances(ASSETS / "manifest.json")
-    original = utterance.load_audio(SAMPLE_RATE).numpy()
-    same, level = at_level(utterance, 0.0)
-    quieter, quieter_level = at_level(utterance, -20.0)
+    original = SHIPPED_TAKE.load_audio(SAMPLE_RATE).numpy()
+    same, level = at_level(SHIPPED_TAKE, 0.0)
+    quieter, quieter_level = at_level(SHIPPED_TAKE, -20.0)
     assert abs((level - quieter_level) - 20.0) < 0.05
     scaled = quieter.load_audio(SAMPLE_RATE).numpy()  # read back from the in-memory WAV
     assert np.abs(scaled - original * 0.1).max() <= 1 / 32768 + 1e-7
     assert np.abs(same.load_audio(SAMPLE_RATE).numpy() - original).max() <= 1 / 32768 + 1e-7
-    loud, _ = at_level(utterance, 40.0)
+    loud, _ = at_level(SHIPPED_TAKE, 40.0)
     assert np.abs(loud.load_audio(SAMPLE_RATE).numpy()).max() <= 1.0
 
 
@@ -60,12 +59,11 @@ def test_a_run_reports_every_offset_with_and_without_auto_gain(tmp_path: Path) -
 
 
 def test_a_session_joins_utterances_into_one_stream(tmp_path: Path) -> None:
-    (utterance,) = read_utterances(ASSETS / "manifest.json")
-    session = session_of([utterance, utterance])
-    assert session.transcript == f"{utterance.transcript} {utterance.transcript}"
-    audio, one = session.load_audio(SAMPLE_RATE), utterance.load_audio(SAMPLE_RATE)
+    session = session_of([SHIPPED_TAKE, SHIPPED_TAKE])
+    assert session.transcript == f"{SHIPPED_TAKE.transcript} {SHIPPED_TAKE.transcript}"
+    audio, one = session.load_audio(SAMPLE_RATE), SHIPPED_TAKE.load_audio(SAMPLE_RATE)
     assert torch.equal(audio, torch.cat([one, one]))
-    assert session.duration == pytest.approx(2 * utterance.duration, abs=1e-3)
+    assert session.duration == pytest.approx(2 * SHIPPED_TAKE.duration, abs=1e-3)
 
 
 def test_a_corrupt_checkpoint_is_named_before_anything_is_decoded(tmp_path: Path) -> None:

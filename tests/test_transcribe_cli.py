@@ -18,7 +18,7 @@ from gharial.asr.features import FeatureExtractor, MelStats
 from gharial.asr.pipeline import SpeechToText
 from gharial.audio import load_audio, resample
 
-from .conftest import SPEECH_DEV, emitting_model
+from .conftest import SHIPPED_TAKE, SPEECH_DEV, emitting_model
 
 GHARIAL = Path(sys.executable).parent / "gharial"
 
@@ -130,14 +130,15 @@ def test_unreadable_embedded_lm_is_a_clear_error(
     assert "embedded n-gram LM (9 bytes) cannot be read" in out.stderr
 
 
-ASSET = Path(__file__).resolve().parent / "assets" / "cathy_arctic_b0105_1592699154.flac"
 ASSET_TEXT = "i know that you are in charge there and jeanne knows"
 
 
 def quiet_copy(directory: Path, db: float) -> Path:
     """The shipped take `db` quieter, as 16-bit PCM (a microphone turned down)."""
     path = directory / f"quiet{db:.0f}.wav"
-    soundfile.write(path, (load_audio(ASSET) * 10 ** (-db / 20)).numpy(), 16000, subtype="PCM_16")
+    soundfile.write(
+        path, (load_audio(SHIPPED_TAKE.audio) * 10 ** (-db / 20)).numpy(), 16000, subtype="PCM_16"
+    )
     return path
 
 

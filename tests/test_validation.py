@@ -33,10 +33,9 @@ from gharial.validation import (
     validate,
 )
 
-from .conftest import emitting_model, tone_utterance
+from .conftest import SHIPPED_TAKE, emitting_model, tone_utterance
 
 GHARIAL = Path(sys.executable).parent / "gharial"
-ASSETS = Path(__file__).resolve().parent / "assets"
 RATE = 16000
 # Out of manifest order by duration, so that results must be put back in order.
 TRANSCRIPTS = ["The colour of Mr. Smith's car.", "Twenty-five wizards", "Hello, world!"]
@@ -268,10 +267,11 @@ def test_validate_cli_json_and_dumped_predictions(
 
 def test_validate_cli_measures_with_and_without_auto_gain(tmp_path: Path) -> None:
     """The bundled model on the shipped take 30 dB down: heard with automatic gain, lost without."""
-    (take,) = read_utterances(ASSETS / "manifest.json")
     quiet = tmp_path / "quiet.wav"
-    soundfile.write(quiet, (take.load_audio(16000) * 10 ** (-30 / 20)).numpy(), 16000, subtype="PCM_16")
-    write_json_manifest(tmp_path / "quiet.json", [take.model_copy(update={"audio": quiet})])
+    soundfile.write(
+        quiet, (SHIPPED_TAKE.load_audio(16000) * 10 ** (-30 / 20)).numpy(), 16000, subtype="PCM_16"
+    )
+    write_json_manifest(tmp_path / "quiet.json", [SHIPPED_TAKE.model_copy(update={"audio": quiet})])
     wers = {}
     for flag in ("--auto-gain", "--no-auto-gain"):
         out = gharial("validate", "--manifest", tmp_path / "quiet.json", "--json", flag)
