@@ -34,7 +34,7 @@ def frames_of(stt: SpeechToText, audio: Tensor) -> list[Tensor]:
     features are computed from (`StreamingFeatures.take_frames`), the tail padded."""
     features = stt.features.stream()
     n = stt.features.samples_per_frame
-    frames = [features.take_frames(audio[i : i + n]) for i in range(0, len(audio) - n + 1, n)]
+    frames = [features.take_frames(audio[i : i + n]) for i in range(0, len(audio), n)]
     return [f for f in [*frames, features.flush_frames()] if f is not None]
 
 
