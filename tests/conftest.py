@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import soundfile
 import torch
 from hypothesis import settings
 from torch import Tensor
@@ -34,6 +35,14 @@ settings.load_profile("ci")
 
 VOCAB = 31  # the tiny config's vocabulary; blank is 31
 PHRASES = ("the quick brown fox", "jumps over", "a lazy dog", "seven wizards", "can't vex", "the big sphinx")
+
+
+def shipped_take_quieter(directory: Path, db: float) -> Path:
+    """The shipped take `db` quieter, written as 16-bit PCM WAV (a microphone turned down)."""
+    path = directory / f"quiet{db:.0f}.wav"
+    quieter = SHIPPED_TAKE.load_audio(16000) * 10 ** (-db / 20)
+    soundfile.write(path, quieter.numpy(), 16000, subtype="PCM_16")
+    return path
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:

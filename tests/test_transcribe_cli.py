@@ -18,7 +18,7 @@ from gharial.asr.features import FeatureExtractor, MelStats
 from gharial.asr.pipeline import SpeechToText
 from gharial.audio import load_audio, resample
 
-from .conftest import SHIPPED_TAKE, SPEECH_DEV, emitting_model
+from .conftest import SPEECH_DEV, emitting_model, shipped_take_quieter
 
 GHARIAL = Path(sys.executable).parent / "gharial"
 
@@ -133,17 +133,8 @@ def test_unreadable_embedded_lm_is_a_clear_error(
 ASSET_TEXT = "i know that you are in charge there and jeanne knows"
 
 
-def quiet_copy(directory: Path, db: float) -> Path:
-    """The shipped take `db` quieter, as 16-bit PCM (a microphone turned down)."""
-    path = directory / f"quiet{db:.0f}.wav"
-    soundfile.write(
-        path, (load_audio(SHIPPED_TAKE.audio) * 10 ** (-db / 20)).numpy(), 16000, subtype="PCM_16"
-    )
-    return path
-
-
 def test_transcribe_lifts_a_quiet_recording_unless_told_not_to(tmp_path: Path) -> None:
-    quiet = quiet_copy(tmp_path, 30.0)
+    quiet = shipped_take_quieter(tmp_path, 30.0)
     lifted = gharial("transcribe", quiet)
     assert lifted.returncode == 0, lifted.stderr
     assert lifted.stdout.strip() == ASSET_TEXT  # the bundled model, as at the take's own level

@@ -33,7 +33,7 @@ from gharial.validation import (
     validate,
 )
 
-from .conftest import SHIPPED_TAKE, emitting_model, tone_utterance
+from .conftest import SHIPPED_TAKE, emitting_model, shipped_take_quieter, tone_utterance
 
 GHARIAL = Path(sys.executable).parent / "gharial"
 RATE = 16000
@@ -267,10 +267,7 @@ def test_validate_cli_json_and_dumped_predictions(
 
 def test_validate_cli_measures_with_and_without_auto_gain(tmp_path: Path) -> None:
     """The bundled model on the shipped take 30 dB down: heard with automatic gain, lost without."""
-    quiet = tmp_path / "quiet.wav"
-    soundfile.write(
-        quiet, (SHIPPED_TAKE.load_audio(16000) * 10 ** (-30 / 20)).numpy(), 16000, subtype="PCM_16"
-    )
+    quiet = shipped_take_quieter(tmp_path, 30.0)
     write_json_manifest(tmp_path / "quiet.json", [SHIPPED_TAKE.model_copy(update={"audio": quiet})])
     wers = {}
     for flag in ("--auto-gain", "--no-auto-gain"):
